@@ -1,0 +1,201 @@
+"""Wire types: every message that crosses a process boundary is one of these msgspec Structs.
+
+Two boundaries share this module:
+- frontend <-> engine core: `EngineCoreRequest`, `AbortRequest`, `ClientHello` in; `EngineCoreOutputs` out.
+- engine core <-> workers: `SchedulerOutput`, `InitializeCache`, `Shutdown` in; `WorkerReady`,
+  `ModelRunnerOutput` out.
+
+Plain ints, floats, strings and lists only: no pickled tensors. Mutable in-process state (`Request`, KV blocks)
+never leaves the engine core; it is converted to these structs in one place (the scheduler).
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+_WIRE = dict(array_like=True, omit_defaults=True, gc=False, frozen=True)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class SamplingParams(msgspec.Struct, **_WIRE):
+    """Per-request sampling controls, already validated and defaulted by the frontend.
+
+    `top_k` <= 0 and `top_p` == 1.0 mean disabled; `temperature` == 0.0 means greedy.
+    `logprobs` is None for none, otherwise the number of top alternatives (0 = only the chosen token).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Union[int, None] = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: Union[int, None] = None
+    logit_bias: Union[dict[int, float], None] = None
+
+
+class TokenLogprobs(msgspec.Struct, **_WIRE):
+    """Log-probabilities for one generated position (raw model distribution, before sampling transforms)."""
+
+    logprob: float  # of the chosen token
+    rank: int  # 1-based rank of the chosen token in the distribution
+    top_token_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
+# --------------------------------------------------------------------------- frontend -> core
+
+
+class EngineCoreRequest(msgspec.Struct, tag="req", **_WIRE):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: Union[int, None]
+    arrival_time: float
+    priority: int = 0
+    cache_salt: Union[str, None] = None
+    client_index: int = 0
+
+
+class AbortRequest(msgspec.Struct, tag="abort", **_WIRE):
+    request_ids: list[str]
+
+
+class ClientHello(msgspec.Struct, tag="hello", **_WIRE):
+    """First message of a frontend: registers its ZeroMQ identity so heartbeats and stats reach it."""
+
+    client_index: int
+
+
+FrontendMessage = Union[EngineCoreRequest, AbortRequest, ClientHello]
+
+
+# --------------------------------------------------------------------------- core -> frontend
+
+
+class EngineCoreOutput(msgspec.Struct, **_WIRE):
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: Union[list[TokenLogprobs], None] = None
+    finish_reason: Union[str, None] = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: Union[int, str, None] = None  # the stop token id that ended it, or an error message
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class SchedulerStats(msgspec.Struct, **_WIRE):
+    """Engine-wide gauges and cumulative counters, attached to outputs and heartbeats."""
+
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use by live requests
+    num_kv_blocks: int = 0
+    prefix_cache_queries: int = 0  # cumulative prompt tokens looked up
+    prefix_cache_hits: int = 0  # cumulative prompt tokens found cached
+    num_steps: int = 0  # cumulative engine steps that ran a forward pass
+    num_scheduled_reqs: int = 0  # cumulative sum over steps of requests in the step
+    max_reqs_in_step: int = 0
+    num_preemptions: int = 0
+
+
+class EngineCoreOutputs(msgspec.Struct, **_WIRE):
+    outputs: list[EngineCoreOutput] = []
+    scheduler_stats: Union[SchedulerStats, None] = None
+    engine_dead: bool = False  # sentinel: the core (or a worker) died; frontends answer 503 from now on
+
+
+# --------------------------------------------------------------------------- core -> workers
+
+
+class NewRequestData(msgspec.Struct, **_WIRE):
+    """A request the worker has not seen (or must forget and relearn after preemption)."""
+
+    request_id: str
+    token_ids: list[int]  # prompt followed by any tokens already generated (after preemption)
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int  # tokens whose KV is already in the cache (prefix-cache hits)
+
+
+class CachedRequestData(msgspec.Struct, **_WIRE):
+    """Diff for a request the worker already knows."""
+
+    request_id: str
+    new_token_ids: list[int]  # tokens appended since the worker last saw it (the previous step's sample)
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+class SchedulerOutput(msgspec.Struct, tag="step", **_WIRE):
+    """One engine step. `num_scheduled_tokens[request_id]` tokens run for each listed request.
+
+    A request whose `num_computed_tokens + num_scheduled_tokens` reaches its token count samples one token.
+    """
+
+    new_requests: list[NewRequestData]
+    cached_requests: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    finished_request_ids: list[str]  # forget these (finished, aborted or preempted)
+
+
+class InitializeCache(msgspec.Struct, tag="init_cache", **_WIRE):
+    num_blocks: int
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", **_WIRE):
+    pass
+
+
+CoreToWorker = Union[SchedulerOutput, InitializeCache, Shutdown]
+
+
+# --------------------------------------------------------------------------- workers -> core
+
+
+class WorkerReady(msgspec.Struct, tag="ready", **_WIRE):
+    rank: int
+    num_blocks: int  # how many KV blocks this rank can hold; the core takes the minimum over ranks
+    device: str
+
+
+class ModelRunnerOutput(msgspec.Struct, tag="result", **_WIRE):
+    """Rank 0's answer to one `SchedulerOutput`.
+
+    `sampled_token_ids[i]` is empty for a request whose prefill chunk did not reach the end of its tokens.
+    """
+
+    request_ids: list[str]
+    sampled_token_ids: list[list[int]]
+    logprobs: list[Union[list[TokenLogprobs], None]]
+    error: Union[str, None] = None  # set when the step failed as a whole
+
+
+class WorkerFailure(msgspec.Struct, tag="failure", **_WIRE):
+    rank: int
+    message: str
+
+
+WorkerToCore = Union[WorkerReady, ModelRunnerOutput, WorkerFailure]
+
+
+# --------------------------------------------------------------------------- codecs
+
+frontend_message_encoder = msgspec.msgpack.Encoder()
+frontend_message_decoder = msgspec.msgpack.Decoder(FrontendMessage)
+engine_outputs_encoder = msgspec.msgpack.Encoder()
+engine_outputs_decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
+core_to_worker_decoder = msgspec.msgpack.Decoder(CoreToWorker)
+worker_to_core_decoder = msgspec.msgpack.Decoder(WorkerToCore)

