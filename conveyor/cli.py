@@ -1,0 +1,110 @@
+"""`conveyor serve [MODEL] [flags]`: flag names follow `vllm serve`, so a vLLM command line works unchanged."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from engine_core.config import (CacheConfig, EngineConfig, FrontendConfig, ParallelConfig, SchedulerConfig,
+                                parse_byte_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conveyor", description="OpenAI-compatible LLM inference server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a model (default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("model", nargs="?", default=None, help="Hugging Face folder or .gguf file")
+    serve.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
+    _add_frontend_flags(serve)
+    _add_model_flags(serve)
+    _add_engine_flags(serve)
+    return parser
+
+
+def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("frontend")
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/* (also VLLM_API_KEY)")
+    group.add_argument("--api-server-count", type=int, default=1, help="frontend processes sharing the port")
+    group.add_argument("--served-model-name", nargs="+", default=None)
+    group.add_argument("--chat-template", default=None, help="a Jinja2 template file or the template itself")
+    group.add_argument("--uvicorn-log-level", default="warning")
+    group.add_argument("--max-log-len", type=int, default=None)
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--tokenizer", default=None)
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float", "bfloat16", "bf16",
+                                                           "float16", "half", "fp16"])
+    group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--generation-config", default="auto",
+                       help="'auto' (model folder), 'vllm' (engine defaults) or a folder")
+    group.add_argument("--trust-remote-code", action="store_true", help="accepted for vLLM compatibility")
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory", default=None,
+                       help="KV cache size on CPU, e.g. 2GiB (default: a fraction of free RAM)")
+    group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    group.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument("--max-num-batched-tokens", type=int, default=None)
+    group.add_argument("--max-num-seqs", type=int, default=256)
+    group.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+
+def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tuple[EngineConfig, FrontendConfig]:
+    from conveyor.model_source import resolve_model_config
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if _cuda_visible() else "cpu"
+    model = resolve_model_config(
+        args.model or args.model_flag, served_model_name=(args.served_model_name or [None])[0],
+        tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+        generation_config=args.generation_config, chat_template=args.chat_template, device=device)
+    max_batched = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else model.max_model_len)
+    engine = EngineConfig(
+        model=model,
+        cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                          kv_cache_memory_bytes=parse_byte_size(args.kv_cache_memory) if args.kv_cache_memory else None,
+                          enable_prefix_caching=args.enable_prefix_caching,
+                          num_blocks_override=args.num_gpu_blocks_override),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=args.max_num_seqs,
+                                  max_model_len=model.max_model_len, policy=args.scheduling_policy,
+                                  enable_chunked_prefill=args.enable_chunked_prefill),
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, device=device),
+        engine_address=engine_address,
+    )
+    frontend = FrontendConfig(host=args.host, port=args.port, api_key=args.api_key,
+                              api_server_count=args.api_server_count, uvicorn_log_level=args.uvicorn_log_level,
+                              max_log_len=args.max_log_len)
+    return engine, frontend
+
+
+def _cuda_visible() -> bool:
+    """Cheap check that avoids importing torch in the launcher when there is plainly no GPU."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    if not os.path.exists("/dev/nvidia0") and not os.path.exists("/dev/nvidiactl"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from conveyor.launcher import serve
+
+        sys.exit(serve(args))

@@ -1,0 +1,208 @@
+"""The engine core process: one explicit loop over input -> schedule -> execute -> publish.
+
+```
+ frontends ──DEALER──▶ ROUTER (I/O thread) ──queue──▶ main loop ──▶ Executor ──▶ workers
+     ▲                      │ heartbeats + stats           │
+     └──────────────────────┴──── inproc PUSH/PULL ◀────────┘ EngineCoreOutputs per client
+```
+The I/O thread owns the ROUTER socket: it decodes input, sends outputs, and sends every registered frontend a
+heartbeat (with the latest stats) each second, so frontends can tell a live engine from a dead one even while a
+long forward pass runs. If the loop fails, every frontend gets the `engine_dead` sentinel before the process exits.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from typing import Iterable
+
+import msgspec
+import zmq
+
+from engine_core.config import EngineConfig
+from engine_core.executor import EngineDeadError, Executor
+from engine_core.process_utils import configure_logging, become_child_process
+from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutput, EngineCoreOutputs,
+                                  EngineCoreRequest, FrontendMessage, SchedulerStats, frontend_message_decoder)
+from engine_core.scheduler import Scheduler
+
+logger = logging.getLogger("conveyor.core")
+
+HEARTBEAT_INTERVAL_S = 1.0
+_BROADCAST = -1  # pseudo client index: send to every registered frontend
+
+
+def client_identity(client_index: int) -> bytes:
+    """The ZeroMQ routing id a frontend with this index uses (it sets it on its DEALER socket)."""
+    return client_index.to_bytes(4, "little")
+
+
+class FrontendIO:
+    """Background thread that owns the frontend-facing ROUTER socket."""
+
+    def __init__(self, context: zmq.Context, address: str) -> None:
+        self.inputs: queue.Queue[FrontendMessage] = queue.Queue()
+        self.latest_stats = SchedulerStats()
+        self._context = context
+        self._router = context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # drop output for a frontend that went away
+        self._router.bind(address)
+        self._outbox_address = f"inproc://outbox-{id(self)}"
+        self._outbox_pull = context.socket(zmq.PULL)
+        self._outbox_pull.bind(self._outbox_address)
+        self._outbox_push = context.socket(zmq.PUSH)  # used by the main thread only
+        self._outbox_push.connect(self._outbox_address)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._clients: set[bytes] = set()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="frontend-io", daemon=True)
+        self._thread.start()
+
+    def send(self, client_index: int, outputs: EngineCoreOutputs) -> None:
+        """Queue outputs for one frontend (main thread)."""
+        self._outbox_push.send_multipart([client_index.to_bytes(4, "little", signed=True),
+                                          self._encoder.encode(outputs)])
+
+    def broadcast(self, outputs: EngineCoreOutputs) -> None:
+        self.send(_BROADCAST, outputs)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=2.0)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._outbox_pull, zmq.POLLIN)
+        next_heartbeat = time.monotonic()
+        while not self._stopping.is_set():
+            events = dict(poller.poll(timeout=int(HEARTBEAT_INTERVAL_S * 250)))
+            if self._router in events:
+                self._receive_all()
+            if self._outbox_pull in events:
+                self._send_all()
+            if time.monotonic() >= next_heartbeat:
+                next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+                heartbeat = self._encoder.encode(EngineCoreOutputs(scheduler_stats=self.latest_stats))
+                for identity in self._clients:
+                    self._router.send_multipart([identity, heartbeat])
+        self._send_all()  # flush the last outputs (the dead-engine sentinel among them)
+
+    def _receive_all(self) -> None:
+        while True:
+            try:
+                identity, payload = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._clients.add(identity)
+            try:
+                message = frontend_message_decoder.decode(payload)
+            except msgspec.DecodeError as exc:
+                logger.warning("dropping undecodable frontend message: %s", exc)
+                continue
+            if not isinstance(message, ClientHello):
+                self.inputs.put(message)
+
+    def _send_all(self) -> None:
+        while True:
+            try:
+                target, payload = self._outbox_pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            index = int.from_bytes(target, "little", signed=True)
+            identities = list(self._clients) if index == _BROADCAST else [client_identity(index)]
+            for identity in identities:
+                self._router.send_multipart([identity, payload])
+
+
+class EngineCore:
+    """Scheduler + executor + the loop that drives them."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        self._executor = Executor(config)
+        self._scheduler = Scheduler(config.scheduler, config.cache, self._executor.num_blocks)
+        self._context = zmq.Context()
+        self._io = FrontendIO(self._context, config.engine_address)
+        self._running = True
+
+    def stop(self) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        """The busy loop. Blocks for input only when there is nothing to run."""
+        while self._running:
+            idle = not self._scheduler.has_work_for_workers()
+            self._process_inputs(self._take_inputs(block=idle))
+            if self._scheduler.has_work_for_workers():
+                self._step()
+            self._io.latest_stats = self._scheduler.make_stats()
+
+    def _take_inputs(self, block: bool) -> list[FrontendMessage]:
+        messages: list[FrontendMessage] = []
+        if block:
+            try:
+                messages.append(self._io.inputs.get(timeout=HEARTBEAT_INTERVAL_S))
+            except queue.Empty:
+                self._executor.check_alive()
+                return messages
+        while True:
+            try:
+                messages.append(self._io.inputs.get_nowait())
+            except queue.Empty:
+                return messages
+
+    def _process_inputs(self, messages: Iterable[FrontendMessage]) -> None:
+        for message in messages:
+            if isinstance(message, EngineCoreRequest):
+                rejected = self._scheduler.add_request(message)
+                if rejected is not None:
+                    self._io.send(message.client_index, EngineCoreOutputs(outputs=[rejected]))
+            elif isinstance(message, AbortRequest):
+                self._scheduler.abort_requests(message.request_ids)
+
+    def _step(self) -> None:
+        scheduler_output = self._scheduler.schedule()
+        runner_output = self._executor.execute(scheduler_output)
+        outputs_by_client = self._scheduler.update_from_output(scheduler_output, runner_output)
+        stats = self._scheduler.make_stats()
+        for client_index, outputs in outputs_by_client.items():
+            self._io.send(client_index, EngineCoreOutputs(outputs=outputs, scheduler_stats=stats))
+
+    def publish_dead(self, reason: str) -> None:
+        logger.error("engine dead: %s", reason)
+        self._io.broadcast(EngineCoreOutputs(engine_dead=True))
+
+    def shutdown(self) -> None:
+        self._io.stop()
+        self._executor.shutdown()
+        self._context.destroy(linger=500)
+
+
+def run_engine_core(config: EngineConfig, ready_event=None) -> None:  # noqa: ANN001 - multiprocessing Event
+    """Process entry point: build the engine, signal readiness, loop until SIGTERM/SIGINT or death."""
+    become_child_process("conveyor-core")
+    configure_logging("core")
+    core = EngineCore(config)
+    signal.signal(signal.SIGTERM, lambda *_: core.stop())
+    signal.signal(signal.SIGINT, lambda *_: core.stop())
+    if ready_event is not None:
+        ready_event.set()
+    logger.info("engine core ready at %s", config.engine_address)
+    try:
+        core.run()
+    except EngineDeadError as exc:
+        core.publish_dead(str(exc))
+        raise SystemExit(1)
+    except Exception as exc:
+        logger.exception("engine core loop failed")
+        core.publish_dead(f"{type(exc).__name__}: {exc}")
+        raise SystemExit(1)
+    finally:
+        core.shutdown()
+
+
+def error_output(request_id: str, message: str) -> EngineCoreOutput:
+    return EngineCoreOutput(request_id=request_id, new_token_ids=[], finish_reason="error", stop_reason=message)

@@ -1,0 +1,152 @@
+"""`Request`: the engine core's mutable view of one generation request. It never leaves this process.
+
+Token regions of a request (one list, `all_token_ids`):
+
+```
+ |<-------------- prompt -------------->|<------ outputs ------>|
+ |<------ num_computed_tokens ------>|                          |   KV already in the cache
+ |<------- num_tokens_known_to_worker ------------------->|     |   the worker holds these ids
+                                                                ^ num_tokens
+```
+The scheduler's one invariant: `num_computed_tokens` catches up to `num_tokens`. A step that brings it level
+samples one more token, so a decoding request always sits exactly one token behind.
+"""
+from __future__ import annotations
+
+import enum
+
+from engine_core.block_hash import BlockHash
+from engine_core.protocol import EngineCoreRequest, SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    # Everything from here on is finished (see `is_finished`).
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI-facing finish reason ("stop" | "length" | "abort" | "error"), None while unfinished."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+class Request:
+    """Mutable per-request state owned by the scheduler (tokens, progress, KV blocks, status)."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_id: int | None,
+        arrival_time: float,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        client_index: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)  # prompt + outputs, always in step
+        self.sampling_params = sampling_params
+        self.eos_token_id = eos_token_id
+        self.arrival_time = arrival_time
+        self.priority = priority
+        self.cache_salt = cache_salt
+        self.client_index = client_index
+
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.num_computed_tokens = 0
+        # Tokens of `all_token_ids` the worker holds; 0 = the worker does not know this request (never sent,
+        # or told to forget it after preemption). The next diff carries `all_token_ids[this:]`.
+        self.num_tokens_known_to_worker = 0
+        # Prefix-cache hit (in tokens) when the request was first scheduled; -1 until then.
+        self.num_cached_tokens = -1
+
+        self.block_ids: list[int] = []  # KV blocks in token order; owned by the KV cache manager
+        self.block_hashes: list[BlockHash] = []  # one per full block of `all_token_ids`, filled lazily
+        self.num_committed_blocks = 0  # leading blocks whose KV is computed and offered to the prefix cache
+
+    @classmethod
+    def from_engine_core_request(cls, req: EngineCoreRequest) -> Request:
+        return cls(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling_params=req.sampling_params,
+            eos_token_id=req.eos_token_id,
+            arrival_time=req.arrival_time,
+            priority=req.priority,
+            cache_salt=req.cache_salt,
+            client_index=req.client_index,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def priority_key(self) -> tuple[int, float]:
+        """Lower sorts first: scheduled earlier, preempted later."""
+        return (self.priority, self.arrival_time)
+
+    def append_output_token_id(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def take_unsent_token_ids(self) -> list[int]:
+        """Tokens the worker has not seen yet; marks them as sent."""
+        unsent = self.all_token_ids[self.num_tokens_known_to_worker:]
+        self.num_tokens_known_to_worker = self.num_tokens
+        return unsent
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.name}, computed={self.num_computed_tokens}/"
+                f"{self.num_tokens}, blocks={self.block_ids})")
+
+
+def check_stop(request: Request, max_len: int) -> tuple[RequestStatus, int | None] | None:
+    """After a token was appended: the finished status and stop reason, or None to keep generating.
+
+    Order: eos (unless ignore_eos), stop_token_ids (both not before min_tokens outputs), max_tokens, and the
+    total length reaching `max_len` (max_model_len, or what the KV cache can hold if that is smaller).
+    """
+    params = request.sampling_params
+    last_token_id = request.output_token_ids[-1]
+    if request.num_output_tokens >= params.min_tokens:
+        if not params.ignore_eos and last_token_id == request.eos_token_id:
+            return RequestStatus.FINISHED_STOPPED, None
+        if last_token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, last_token_id
+    if request.num_output_tokens >= params.max_tokens or request.num_tokens >= max_len:
+        return RequestStatus.FINISHED_LENGTH, None
+    return None

@@ -1,0 +1,334 @@
+"""The scheduler: `schedule()` decides one step, `update_from_output()` applies the worker's answer.
+
+One invariant drives everything: each request's `num_computed_tokens` catches up to its `num_tokens`.
+A fresh prompt (minus prefix-cache hits), a prompt chunk, a decode (one token) and a recompute after
+preemption are the same thing: "run the next min(remaining, budget) tokens". A step's order:
+
+```
+ 1. running requests, oldest first: decodes take 1 token, mid-prefill ones take min(remaining, budget);
+    out of blocks -> preempt (recompute) a victim, possibly the request itself, and retry
+ 2. waiting requests in policy order (skipped if step 1 preempted anyone): prefix-cache lookup, then
+    the rest of the prompt up to the budget; stop at the first that does not fit (no overtaking)
+ 3. build the diff-only SchedulerOutput: NewRequestData once per (re)start, CachedRequestData afterwards
+```
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from engine_core.config import CacheConfig, SchedulerConfig
+from engine_core.kv_cache import KVCacheBlock, KVCacheManager
+from engine_core.protocol import (
+    CachedRequestData,
+    EngineCoreOutput,
+    EngineCoreRequest,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    SchedulerStats,
+    TokenLogprobs,
+)
+from engine_core.request import Request, RequestStatus, check_stop
+from engine_core.request_queue import make_request_queue
+
+
+@dataclass
+class _StepPlan:
+    """What one `schedule()` call has decided so far; preemption can withdraw a request from it."""
+
+    token_budget: int
+    scheduled: list[Request] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    new_block_ids: dict[str, list[int]] = field(default_factory=dict)
+    preempted_ids: set[str] = field(default_factory=set)
+
+    def add(self, request: Request, num_tokens: int, new_block_ids: list[int]) -> None:
+        assert 0 < num_tokens <= self.token_budget
+        self.scheduled.append(request)
+        self.num_scheduled_tokens[request.request_id] = num_tokens
+        self.new_block_ids[request.request_id] = new_block_ids
+        self.token_budget -= num_tokens
+
+    def withdraw(self, request: Request) -> None:
+        num_tokens = self.num_scheduled_tokens.pop(request.request_id, 0)
+        if num_tokens:
+            self.scheduled.remove(request)
+            del self.new_block_ids[request.request_id]
+            self.token_budget += num_tokens
+
+
+class Scheduler:
+    """Continuous batching over a paged KV cache with prefix caching, chunked prefill and preemption."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+        self.config = scheduler_config
+        self.kv_cache = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        # A request may never outgrow the whole cache: past that it would preempt itself forever.
+        self.max_len = min(scheduler_config.max_model_len, self.kv_cache.capacity_tokens)
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
+        self.waiting = make_request_queue(scheduler_config.policy)
+        self.running: list[Request] = []  # in the order they (re)started: the tail is preempted first (fcfs)
+        self._finished_ids_for_workers: list[str] = []  # sent (and cleared) with the next step
+        self._num_steps = 0
+        self._num_scheduled_reqs = 0
+        self._max_reqs_in_step = 0
+        self._num_preemptions = 0
+
+    # ------------------------------------------------------------------ requests in and out
+
+    def add_request(self, req: EngineCoreRequest) -> EngineCoreOutput | None:
+        """Queue a request; return an immediate "error" output instead if it can never run."""
+        error = self._validate(req)
+        if error is not None:
+            return EngineCoreOutput(req.request_id, [], finish_reason="error", stop_reason=error)
+        request = Request.from_engine_core_request(req)
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+        return None
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        """Finish the given requests at once, freeing their blocks; unknown (or finished) ids are ignored."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None:
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def has_work_for_workers(self) -> bool:
+        return bool(self.requests) or bool(self._finished_ids_for_workers)
+
+    def _validate(self, req: EngineCoreRequest) -> str | None:
+        num_prompt_tokens = len(req.prompt_token_ids)
+        if req.request_id in self.requests:
+            return f"request id {req.request_id!r} is already in use"
+        if num_prompt_tokens == 0:
+            return "the prompt is empty"
+        if num_prompt_tokens > self.config.max_model_len:
+            return (f"the prompt has {num_prompt_tokens} tokens, more than the maximum context length "
+                    f"of {self.config.max_model_len} tokens")
+        if num_prompt_tokens > self.kv_cache.capacity_tokens:
+            return (f"the prompt has {num_prompt_tokens} tokens, more than the KV cache holds "
+                    f"({self.kv_cache.num_blocks} blocks of {self.kv_cache.block_size} tokens)")
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        """Retire a request: leave the queues, free its blocks now, tell the workers next step, forget it."""
+        assert status.is_finished
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove([request])
+        self.kv_cache.free(request)
+        request.status = status
+        request.stop_reason = stop_reason
+        if request.num_tokens_known_to_worker:
+            self._finished_ids_for_workers.append(request.request_id)
+        del self.requests[request.request_id]
+
+    # ------------------------------------------------------------------ schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Decide the next step; mutates request progress, block tables, queues and counters."""
+        plan = _StepPlan(token_budget=self.config.max_num_batched_tokens)
+        self._schedule_running(plan)
+        if not plan.preempted_ids:  # blocks ran short: let the running requests drain first
+            self._schedule_waiting(plan)
+        self._record_step(plan)
+        return self._build_output(plan)
+
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        """Give every running request its next tokens (1 for a decode, a chunk for a prefill) while budget lasts."""
+        for request in list(self.running):
+            if plan.token_budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, plan.token_budget)
+            assert num_new_tokens > 0, request
+            new_block_ids = self._allocate_or_preempt(request, num_new_tokens, plan)
+            if new_block_ids is not None:
+                plan.add(request, num_new_tokens, new_block_ids)
+
+    def _allocate_or_preempt(self, request: Request, num_new_tokens: int, plan: _StepPlan) -> list[int] | None:
+        """Allocate blocks for a running request, preempting victims until it fits or is itself preempted."""
+        while (new_block_ids := self.kv_cache.allocate_slots(request, num_new_tokens)) is None:
+            victim = self._pick_running_victim()
+            self._preempt(victim, plan)
+            if victim is request:
+                return None
+        return new_block_ids
+
+    def _pick_running_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: r.priority_key)
+        return self.running[-1]  # fcfs: the most recently started
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        """Start waiting requests in policy order while budget, seats and blocks allow."""
+        while self.waiting and plan.token_budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            if request.request_id in plan.preempted_ids or not self._try_start(request, plan):
+                break
+
+    def _try_start(self, request: Request, plan: _StepPlan) -> bool:
+        """Start `request` (the queue head) from its cached prefix; False (nothing changed) if it does not fit."""
+        computed_blocks, num_cached_tokens = self.kv_cache.get_computed_blocks(request)
+        num_new_tokens = request.num_tokens - num_cached_tokens
+        # Without chunked prefill a prompt runs whole, unless it could never fit even in an empty step.
+        if not self.config.enable_chunked_prefill and num_new_tokens > plan.token_budget and plan.scheduled:
+            return False
+        num_new_tokens = min(num_new_tokens, plan.token_budget)
+        new_block_ids = self._allocate_for_waiting(request, num_new_tokens, computed_blocks, plan)
+        if new_block_ids is None:
+            return False
+        started = self.waiting.pop()
+        assert started is request, (started, request)
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_cached_tokens
+        if request.num_cached_tokens < 0:  # first start: this is what the first output reports
+            request.num_cached_tokens = num_cached_tokens
+        self.running.append(request)
+        plan.add(request, num_new_tokens, new_block_ids)
+        return True
+
+    def _allocate_for_waiting(self, request: Request, num_new_tokens: int,
+                              computed_blocks: list[KVCacheBlock], plan: _StepPlan) -> list[int] | None:
+        """Allocate for a waiting request; under the priority policy it may preempt lower-priority runners."""
+        while (new_block_ids := self.kv_cache.allocate_slots(request, num_new_tokens, computed_blocks)) is None:
+            if self.config.policy != "priority" or not self.running:
+                return None
+            victim = max(self.running, key=lambda r: r.priority_key)
+            if victim.priority <= request.priority:
+                return None
+            self._preempt(victim, plan)
+        return new_block_ids
+
+    def _preempt(self, request: Request, plan: _StepPlan) -> None:
+        """Preempt by recompute: drop the request's KV and progress and requeue it at the front of waiting."""
+        plan.withdraw(request)
+        plan.preempted_ids.add(request.request_id)
+        self.running.remove(request)
+        self.kv_cache.free(request)
+        if request.num_tokens_known_to_worker:  # the worker must forget it; a restart resends everything
+            self._finished_ids_for_workers.append(request.request_id)
+        request.num_tokens_known_to_worker = 0
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.add_preempted(request)
+        self._num_preemptions += 1
+
+    def _build_output(self, plan: _StepPlan) -> SchedulerOutput:
+        """Turn the plan into diffs; marks every scheduled request's tokens as known to the worker."""
+        new_requests, cached_requests = [], []
+        for request in plan.scheduled:
+            if request.num_tokens_known_to_worker == 0:
+                new_requests.append(NewRequestData(
+                    request.request_id, request.take_unsent_token_ids(), request.num_prompt_tokens,
+                    request.sampling_params, list(request.block_ids), request.num_computed_tokens))
+            else:
+                cached_requests.append(CachedRequestData(
+                    request.request_id, request.take_unsent_token_ids(), plan.new_block_ids[request.request_id],
+                    request.num_computed_tokens))
+        finished_ids, self._finished_ids_for_workers = self._finished_ids_for_workers, []
+        return SchedulerOutput(new_requests, cached_requests, dict(plan.num_scheduled_tokens), finished_ids)
+
+    def _record_step(self, plan: _StepPlan) -> None:
+        if plan.scheduled:
+            self._num_steps += 1
+            self._num_scheduled_reqs += len(plan.scheduled)
+            self._max_reqs_in_step = max(self._max_reqs_in_step, len(plan.scheduled))
+
+    # ------------------------------------------------------------------ update from output
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> dict[int, list[EngineCoreOutput]]:
+        """Apply a finished step: advance progress, append samples, finish stopped requests.
+
+        Returns outputs grouped by `client_index`. A request aborted while the step ran is skipped.
+        """
+        outputs: dict[int, list[EngineCoreOutput]] = defaultdict(list)
+        if runner_output.error is not None:
+            self._fail_step(scheduler_output, runner_output.error, outputs)
+            return dict(outputs)
+        index_of = {request_id: i for i, request_id in enumerate(runner_output.request_ids)}
+        for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += num_tokens
+            self.kv_cache.cache_full_blocks(request)
+            i = index_of.get(request_id)
+            # Only a step that brought the request level samples; a mid-prefill chunk has nothing to report.
+            if i is None or request.num_computed_tokens < request.num_tokens:
+                continue
+            output = self._append_sampled(request, runner_output.sampled_token_ids[i], runner_output.logprobs[i])
+            if output is not None:
+                outputs[request.client_index].append(output)
+        return dict(outputs)
+
+    def _append_sampled(self, request: Request, token_ids: list[int],
+                        logprobs: list[TokenLogprobs] | None) -> EngineCoreOutput | None:
+        """Append sampled tokens up to the first stop; finish the request if one hit. None if no tokens."""
+        if not token_ids:
+            return None
+        num_kept, stop = 0, None
+        for token_id in token_ids:
+            request.append_output_token_id(token_id)
+            num_kept += 1
+            stop = check_stop(request, self.max_len)
+            if stop is not None:
+                self._finish(request, *stop)
+                break
+        return EngineCoreOutput(
+            request.request_id, token_ids[:num_kept],
+            new_logprobs=None if logprobs is None else logprobs[:num_kept],
+            finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+            num_cached_tokens=max(0, request.num_cached_tokens))
+
+    def _fail_step(self, scheduler_output: SchedulerOutput, message: str,
+                   outputs: dict[int, list[EngineCoreOutput]]) -> None:
+        """The whole step failed: finish every request in it with an "error" output; the engine goes on."""
+        for request_id in scheduler_output.num_scheduled_tokens:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            self._finish(request, RequestStatus.FINISHED_ERROR, message)
+            outputs[request.client_index].append(EngineCoreOutput(
+                request_id, [], finish_reason="error", stop_reason=message,
+                num_cached_tokens=max(0, request.num_cached_tokens)))
+
+    # ------------------------------------------------------------------ stats and checks
+
+    def make_stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv_cache.usage,
+            num_kv_blocks=self.kv_cache.num_blocks,
+            prefix_cache_queries=self.kv_cache.prefix_cache_queries,
+            prefix_cache_hits=self.kv_cache.prefix_cache_hits,
+            num_steps=self._num_steps,
+            num_scheduled_reqs=self._num_scheduled_reqs,
+            max_reqs_in_step=self._max_reqs_in_step,
+            num_preemptions=self._num_preemptions,
+        )
+
+    def check_integrity(self) -> None:
+        """Assert the KV pool is consistent and every request sits in exactly one queue with matching state."""
+        self.kv_cache.check_integrity()
+        block_size = self.kv_cache.block_size
+        assert len(self.running) <= self.config.max_num_seqs
+        for request in self.running:
+            assert request.status == RequestStatus.RUNNING, request
+            assert request.num_computed_tokens < request.num_tokens, request
+            assert len(request.block_ids) * block_size >= request.num_computed_tokens, request
+        for request in self.waiting:
+            assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED), request
+            assert not request.block_ids and request.num_computed_tokens == 0, request
+            assert request.num_tokens_known_to_worker == 0, request
+        queued = [r.request_id for r in self.running] + [r.request_id for r in self.waiting]
+        assert sorted(queued) == sorted(self.requests), (queued, list(self.requests))

@@ -1,0 +1,70 @@
+"""Every bad request gets its status and the OpenAI error shape; the next normal request still succeeds."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.server_harness import ConveyorServer
+
+MODEL = "tiny-llama"
+GOOD_COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 4}
+
+BAD_REQUESTS = [
+    ("/v1/completions", {**GOOD_COMPLETION, "temperature": -0.5}, 400, "temperature"),
+    ("/v1/completions", {**GOOD_COMPLETION, "top_p": 0.0}, 400, "top_p"),
+    ("/v1/completions", {**GOOD_COMPLETION, "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {**GOOD_COMPLETION, "n": 0}, 400, "n"),
+    ("/v1/completions", {**GOOD_COMPLETION, "max_tokens": "many"}, 400, "max_tokens"),
+    ("/v1/completions", {**GOOD_COMPLETION, "max_tokens": 100000}, 400, "512"),
+    ("/v1/completions", {**GOOD_COMPLETION, "model": "no-such-model"}, 404, "no-such-model"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "not a list"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "temperature": -1}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404,
+     "no-such-model"),
+]
+
+
+def _assert_error_shape(response: httpx.Response, status: int, mentions: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert mentions in error["message"] or mentions == error["param"], error
+
+
+@pytest.mark.parametrize("path,body,status,mentions", BAD_REQUESTS)
+def test_bad_request_is_answered_in_openai_shape(llama_server: ConveyorServer, path: str, body: dict, status: int,
+                                                 mentions: str) -> None:
+    _assert_error_shape(httpx.post(f"{llama_server.base_url}{path}", json=body, timeout=30), status, mentions)
+    ok = httpx.post(f"{llama_server.base_url}/v1/completions", json=GOOD_COMPLETION, timeout=30)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+
+
+def test_malformed_json_is_400(llama_server: ConveyorServer) -> None:
+    response = httpx.post(f"{llama_server.base_url}/v1/completions", content=b"{not json",
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 400
+    assert "error" in response.json()
+
+
+def test_bad_request_does_not_disturb_the_batch(llama_server: ConveyorServer) -> None:
+    with httpx.stream("POST", f"{llama_server.base_url}/v1/completions", timeout=60, json={
+            **GOOD_COMPLETION, "max_tokens": 40, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}) as stream:
+        bad = httpx.post(f"{llama_server.base_url}/v1/completions", json={**GOOD_COMPLETION, "top_p": 7}, timeout=30)
+        assert bad.status_code == 400
+        data = [line for line in stream.iter_lines() if line.startswith("data:")]
+    assert data[-1] == "data: [DONE]"
+    assert '"completion_tokens":40' in data[-2].replace(" ", "")
+
+
+def test_api_key_is_required_when_set(tiny_models) -> None:  # noqa: ANN001
+    server = ConveyorServer(str(tiny_models / "llama"), "--kv-cache-memory", "32MiB", api_key="sekret")
+    try:
+        url = f"{server.base_url}/v1/models"
+        _assert_error_shape(httpx.get(url), 401, "")
+        _assert_error_shape(httpx.get(url, headers={"Authorization": "Bearer wrong"}), 401, "")
+        assert httpx.get(url, headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert server.openai_client().models.list().data[0].id == str(tiny_models / "llama")
+    finally:
+        assert server.stop() == []

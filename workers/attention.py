@@ -1,0 +1,176 @@
+"""Paged attention over a flattened batch: the per-step metadata and the torch (SDPA) backend.
+
+One step's tokens from all requests are concatenated into one `[num_tokens]` batch:
+
+    flattened tokens:  | req 0: prefill chunk (q=5) | req 1: decode | req 2: decode | req 3: prefill (q=3) |
+    query_start_loc:   0                            5               6               7                    10
+    context (keys):    req 0 sees its cached prefix + the 5 new tokens (causal within the chunk);
+                       a decode sees every token of its request so far, the new one included.
+
+Each layer first writes the new tokens' K/V into the paged cache (`slot_mapping`), then reads the context back
+through the block tables. Requests with query_len > 1 run one SDPA call each; all query_len == 1 requests run
+together in one batched SDPA call with a padding mask.
+
+KV cache per layer: `[2, num_blocks, block_size, num_kv_heads, head_dim]` (0 = keys, 1 = values); token at
+position p of a request lives in slot `block_ids[p // block_size] * block_size + p % block_size`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PrefillSpan:
+    """One request with query_len > 1. `context_slots`/`mask` are None when the whole context is new (no
+    cached prefix): then the fresh K/V are used directly with a plain causal mask."""
+
+    token_start: int
+    token_end: int
+    context_slots: torch.Tensor | None = None  # [seq_len] int64 cache slots of the full context
+    mask: torch.Tensor | None = None  # [query_len, seq_len] bool, True = attend
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by `build_attention_metadata`, read by every attention layer."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V is written
+    query_start_loc: list[int]  # [num_reqs + 1] cumulative query lengths in the flattened batch
+    seq_lens: list[int]  # [num_reqs] context length after this step
+    block_tables: torch.Tensor  # [num_reqs, max_blocks_per_req] int64, padded with 0
+    positions: torch.Tensor  # [num_tokens] int64 position of each token within its request
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    decode_token_indices: torch.Tensor | None = None  # [num_decodes] rows of the flattened batch
+    decode_context_slots: torch.Tensor | None = None  # [num_decodes, max_decode_len] int64, padding -> slot 0
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_decode_len] bool, True = attend
+    all_decode: bool = False  # every request has query_len == 1: decode output is the whole batch, in order
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc[-1]
+
+
+def _context_slots(block_table: torch.Tensor, context_len: int, block_size: int) -> torch.Tensor:
+    """[..., max_blocks] block ids -> [..., context_len] slot ids of positions 0..context_len-1."""
+    offsets = torch.arange(context_len)  # [context_len]
+    blocks = block_table[..., offsets // block_size]  # [..., context_len]
+    return blocks * block_size + offsets % block_size  # [..., context_len]
+
+
+def build_attention_metadata(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+                             block_size: int, device: torch.device) -> AttentionMetadata:
+    """Flattened-batch metadata for one step. Request i contributes `query_lens[i]` tokens at positions
+    `seq_lens[i] - query_lens[i] .. seq_lens[i] - 1`; its `block_tables[i]` must cover `seq_lens[i]` tokens."""
+    num_reqs = len(query_lens)
+    assert num_reqs == len(seq_lens) == len(block_tables) and num_reqs > 0
+    for query_len, seq_len, blocks in zip(query_lens, seq_lens, block_tables):
+        assert 0 < query_len <= seq_len <= len(blocks) * block_size, (query_len, seq_len, len(blocks))
+    max_blocks = max(len(blocks) for blocks in block_tables)
+    table = torch.zeros(num_reqs, max_blocks, dtype=torch.int64)  # [num_reqs, max_blocks]
+    for i, blocks in enumerate(block_tables):
+        table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+    query_lens_t = torch.tensor(query_lens, dtype=torch.int64)  # [num_reqs]
+    query_start_loc = [0]
+    for query_len in query_lens:
+        query_start_loc.append(query_start_loc[-1] + query_len)
+    req_of_token = torch.repeat_interleave(torch.arange(num_reqs), query_lens_t)  # [num_tokens]
+    first_pos = torch.tensor(seq_lens, dtype=torch.int64) - query_lens_t  # [num_reqs]
+    token_starts = torch.tensor(query_start_loc[:-1], dtype=torch.int64)  # [num_reqs]
+    positions = torch.arange(query_start_loc[-1]) - token_starts[req_of_token] + first_pos[req_of_token]  # [T]
+    slot_mapping = table[req_of_token, positions // block_size] * block_size + positions % block_size  # [T]
+
+    metadata = AttentionMetadata(
+        slot_mapping=slot_mapping.to(device), query_start_loc=query_start_loc, seq_lens=list(seq_lens),
+        block_tables=table.to(device), positions=positions.to(device))
+    _add_prefills(metadata, query_lens, seq_lens, table, block_size, device)
+    _add_decodes(metadata, query_lens, seq_lens, table, block_size, device)
+    return metadata
+
+
+def _add_prefills(metadata: AttentionMetadata, query_lens: list[int], seq_lens: list[int], table: torch.Tensor,
+                  block_size: int, device: torch.device) -> None:
+    for i, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
+        if query_len == 1:
+            continue
+        span = PrefillSpan(metadata.query_start_loc[i], metadata.query_start_loc[i + 1])
+        if seq_len > query_len:  # cached prefix: read the whole context from the cache
+            span.context_slots = _context_slots(table[i], seq_len, block_size).to(device)  # [seq_len]
+            ones = torch.ones(query_len, seq_len, dtype=torch.bool, device=device)  # [q, seq_len]
+            span.mask = ones.tril(diagonal=seq_len - query_len)  # query j sits at position seq_len - q + j
+        metadata.prefills.append(span)
+
+
+def _add_decodes(metadata: AttentionMetadata, query_lens: list[int], seq_lens: list[int], table: torch.Tensor,
+                 block_size: int, device: torch.device) -> None:
+    decode_reqs = [i for i, query_len in enumerate(query_lens) if query_len == 1]
+    if not decode_reqs:
+        return
+    decode_seq_lens = torch.tensor([seq_lens[i] for i in decode_reqs], dtype=torch.int64)  # [D]
+    max_len = int(decode_seq_lens.max())
+    valid = torch.arange(max_len).unsqueeze(0) < decode_seq_lens.unsqueeze(1)  # [D, max_len]
+    slots = _context_slots(table[decode_reqs], max_len, block_size) * valid  # [D, max_len]
+    metadata.all_decode = len(decode_reqs) == len(query_lens)
+    metadata.decode_token_indices = torch.tensor(
+        [metadata.query_start_loc[i] for i in decode_reqs], dtype=torch.int64).to(device)  # [D]
+    metadata.decode_context_slots = slots.to(device)
+    metadata.decode_mask = valid[:, None, None, :].to(device)  # [D, 1, 1, max_len]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads over the paged cache (no parameters of its own)."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_kv_heads, self.scale = num_heads, head_dim, num_kv_heads, scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim].
+
+        Writes k/v into `kv_cache` (skipped when the cache is empty, as in a profiling run)."""
+        key_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [num_slots, kvh, hd]
+        value_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)  # [num_slots, kvh, hd]
+        if kv_cache.numel() > 0:
+            key_cache.index_copy_(0, metadata.slot_mapping, k)
+            value_cache.index_copy_(0, metadata.slot_mapping, v)
+        if metadata.all_decode:
+            return self._decode(q, key_cache, value_cache, metadata).flatten(1)  # [T, H * hd]
+        out = torch.empty_like(q)  # [T, H, hd]
+        for span in metadata.prefills:
+            out[span.token_start:span.token_end] = self._prefill(q, k, v, key_cache, value_cache, span)
+        if metadata.decode_token_indices is not None:
+            q_decode = q.index_select(0, metadata.decode_token_indices)  # [D, H, hd]
+            out.index_copy_(0, metadata.decode_token_indices,
+                            self._decode(q_decode, key_cache, value_cache, metadata))
+        return out.flatten(1)  # [T, H * hd]
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+                 value_cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+        q_span = q[span.token_start:span.token_end].transpose(0, 1).unsqueeze(0)  # [1, H, q, hd]
+        if span.context_slots is None:
+            k_ctx, v_ctx = k[span.token_start:span.token_end], v[span.token_start:span.token_end]  # [q, kvh, hd]
+        else:
+            k_ctx = key_cache.index_select(0, span.context_slots)  # [seq_len, kvh, hd]
+            v_ctx = value_cache.index_select(0, span.context_slots)  # [seq_len, kvh, hd]
+        out = F.scaled_dot_product_attention(
+            q_span, k_ctx.transpose(0, 1).unsqueeze(0), v_ctx.transpose(0, 1).unsqueeze(0),
+            attn_mask=span.mask, is_causal=span.mask is None, scale=self.scale, enable_gqa=True)  # [1, H, q, hd]
+        return out[0].transpose(0, 1)  # [q, H, hd]
+
+    def _decode(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        slots = metadata.decode_context_slots
+        assert slots is not None and metadata.decode_mask is not None
+        num_decodes, max_len = slots.shape
+        flat_slots = slots.flatten()  # [D * max_len]
+        k_ctx = key_cache.index_select(0, flat_slots).view(num_decodes, max_len, self.num_kv_heads, self.head_dim)
+        v_ctx = value_cache.index_select(0, flat_slots).view(num_decodes, max_len, self.num_kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [D, H, 1, hd]
+            k_ctx.transpose(1, 2), v_ctx.transpose(1, 2),  # [D, kvh, max_len, hd]
+            attn_mask=metadata.decode_mask, scale=self.scale, enable_gqa=True)  # [D, H, 1, hd]
+        return out.squeeze(2)  # [D, H, hd]

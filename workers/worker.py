@@ -1,0 +1,108 @@
+"""Worker process entry: device, torch.distributed, model, KV cache, then the serve loop.
+
+One process per tensor-parallel rank. Every rank receives every `SchedulerOutput` (the executor sends the same
+bytes to each) and runs the forward pass; rank 0 samples and answers with a `ModelRunnerOutput`.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import traceback
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from engine_core.config import CacheConfig, ModelConfig, ParallelConfig
+from engine_core.process_utils import configure_logging, become_child_process
+from engine_core.protocol import (InitializeCache, ModelRunnerOutput, SchedulerOutput, Shutdown, WorkerFailure,
+                                  WorkerReady, core_to_worker_decoder)
+
+logger = logging.getLogger("conveyor.worker")
+
+
+@dataclass(frozen=True)
+class WorkerAddresses:
+    """ZeroMQ addresses the executor bound: one input per rank, one shared output."""
+
+    input_address: str
+    output_address: str
+    distributed_init_method: str  # e.g. tcp://127.0.0.1:PORT, used only when tensor_parallel_size > 1
+
+
+def run_worker(model_config: ModelConfig, cache_config: CacheConfig, parallel_config: ParallelConfig,
+               rank: int, addresses: WorkerAddresses) -> None:
+    """Process entry point (multiprocessing spawn target)."""
+    become_child_process(f"conveyor-w{rank}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the core shuts us down
+    configure_logging(f"worker{rank}")
+    context = zmq.Context()
+    results = context.socket(zmq.PUSH)
+    results.connect(addresses.output_address)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        runner = _start_runner(model_config, cache_config, parallel_config, rank, addresses)
+        results.send(encoder.encode(WorkerReady(rank=rank, num_blocks=runner.determine_num_blocks(),
+                                                device=str(runner.device))))
+        steps = context.socket(zmq.PULL)
+        steps.connect(addresses.input_address)
+        _serve(runner, steps, results, encoder, rank)
+    except Exception as exc:  # report, then exit: the core turns this into a dead-engine sentinel
+        logger.error("worker %d failed:\n%s", rank, traceback.format_exc())
+        results.send(encoder.encode(WorkerFailure(rank=rank, message=f"{type(exc).__name__}: {exc}")))
+    finally:
+        results.close(linger=1000)
+        context.term()
+
+
+def _start_runner(model_config: ModelConfig, cache_config: CacheConfig, parallel_config: ParallelConfig,
+                  rank: int, addresses: WorkerAddresses):  # -> ModelRunner (torch imported lazily)
+    import torch
+
+    from workers.model_runner import ModelRunner
+
+    if parallel_config.num_threads:
+        torch.set_num_threads(parallel_config.num_threads)
+    device = _choose_device(parallel_config.device, rank)
+    if parallel_config.tensor_parallel_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, init_method=addresses.distributed_init_method,
+                                             rank=rank, world_size=parallel_config.tensor_parallel_size)
+    torch.manual_seed(model_config.seed)
+    logger.info("loading %s on %s (dtype %s, %d threads)", model_config.model, device, model_config.dtype,
+                torch.get_num_threads())
+    return ModelRunner(model_config, cache_config, device, tp_rank=rank,
+                       tp_size=parallel_config.tensor_parallel_size)
+
+
+def _choose_device(requested: str, rank: int):
+    import torch
+
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
+    return torch.device(requested)
+
+
+def _serve(runner, steps: zmq.Socket, results: zmq.Socket, encoder: msgspec.msgpack.Encoder, rank: int) -> None:
+    """Run steps until Shutdown. A failing step is answered with an error so only its requests fail."""
+    while True:
+        message = core_to_worker_decoder.decode(steps.recv())
+        if isinstance(message, Shutdown):
+            return
+        if isinstance(message, InitializeCache):
+            runner.initialize_cache(message.num_blocks)
+            logger.info("KV cache: %d blocks", message.num_blocks)
+            continue
+        assert isinstance(message, SchedulerOutput)
+        try:
+            output = runner.execute(message)
+        except Exception as exc:
+            logger.error("step failed:\n%s", traceback.format_exc())
+            output = ModelRunnerOutput(request_ids=[], sampled_token_ids=[], logprobs=[],
+                                       error=f"{type(exc).__name__}: {exc}")
+        if rank == 0:
+            results.send(encoder.encode(output))
+
