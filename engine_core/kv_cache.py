@@ -121,7 +121,7 @@ class KVCacheManager:
     @property
     def usage(self) -> float:
         """Fraction of blocks held by live requests (ref_cnt > 0)."""
-        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+        return (self.pool.num_blocks - self.pool.num_free_blocks) / self.pool.num_blocks
 
     @property
     def capacity_tokens(self) -> int:

@@ -33,6 +33,8 @@ from engine_core.protocol import (
 from engine_core.request import Request, RequestStatus, check_stop
 from engine_core.request_queue import make_request_queue
 
+_NO_SAMPLE = "the worker returned no sampled token for a request whose tokens were all computed"
+
 
 @dataclass
 class _StepPlan:
@@ -261,21 +263,23 @@ class Scheduler:
                 continue
             request.num_computed_tokens += num_tokens
             self.kv_cache.cache_full_blocks(request)
-            i = index_of.get(request_id)
             # Only a step that brought the request level samples; a mid-prefill chunk has nothing to report.
-            if i is None or request.num_computed_tokens < request.num_tokens:
+            if request.num_computed_tokens < request.num_tokens:
                 continue
-            output = self._append_sampled(request, runner_output.sampled_token_ids[i], runner_output.logprobs[i])
-            if output is not None:
-                outputs[request.client_index].append(output)
+            i = index_of.get(request_id)
+            token_ids = runner_output.sampled_token_ids[i] if i is not None else []
+            if not token_ids:  # the worker broke the contract for this request: fail it, keep the rest
+                self._finish(request, RequestStatus.FINISHED_ERROR, _NO_SAMPLE)
+                outputs[request.client_index].append(self._make_output(request, []))
+                continue
+            logprobs = runner_output.logprobs[i] if i is not None and i < len(runner_output.logprobs) else None
+            outputs[request.client_index].append(self._append_sampled(request, token_ids, logprobs))
         return dict(outputs)
 
     def _append_sampled(self, request: Request, token_ids: list[int],
-                        logprobs: list[TokenLogprobs] | None) -> EngineCoreOutput | None:
-        """Append sampled tokens up to the first stop; finish the request if one hit. None if no tokens."""
-        if not token_ids:
-            return None
-        num_kept, stop = 0, None
+                        logprobs: list[TokenLogprobs] | None) -> EngineCoreOutput:
+        """Append sampled tokens up to the first stop; finish the request if one hit."""
+        num_kept = 0
         for token_id in token_ids:
             request.append_output_token_id(token_id)
             num_kept += 1
@@ -283,23 +287,24 @@ class Scheduler:
             if stop is not None:
                 self._finish(request, *stop)
                 break
+        return self._make_output(request, token_ids[:num_kept], None if logprobs is None else logprobs[:num_kept])
+
+    @staticmethod
+    def _make_output(request: Request, token_ids: list[int],
+                     logprobs: list[TokenLogprobs] | None = None) -> EngineCoreOutput:
         return EngineCoreOutput(
-            request.request_id, token_ids[:num_kept],
-            new_logprobs=None if logprobs is None else logprobs[:num_kept],
-            finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
-            num_cached_tokens=max(0, request.num_cached_tokens))
+            request.request_id, token_ids, new_logprobs=logprobs, finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason, num_cached_tokens=max(0, request.num_cached_tokens))
 
     def _fail_step(self, scheduler_output: SchedulerOutput, message: str,
                    outputs: dict[int, list[EngineCoreOutput]]) -> None:
         """The whole step failed: finish every request in it with an "error" output; the engine goes on."""
         for request_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(request_id)
-            if request is None:
+            if request is None or request.status != RequestStatus.RUNNING:  # aborted while the step ran
                 continue
             self._finish(request, RequestStatus.FINISHED_ERROR, message)
-            outputs[request.client_index].append(EngineCoreOutput(
-                request_id, [], finish_reason="error", stop_reason=message,
-                num_cached_tokens=max(0, request.num_cached_tokens)))
+            outputs[request.client_index].append(self._make_output(request, []))
 
     # ------------------------------------------------------------------ stats and checks
 
