@@ -143,6 +143,7 @@ class SchedulerOutput(msgspec.Struct, tag="step", **_WIRE):
     """One engine step. `num_scheduled_tokens[request_id]` tokens run for each listed request.
 
     A request whose `num_computed_tokens + num_scheduled_tokens` reaches its token count samples one token.
+    Workers apply `finished_request_ids` before `new_requests`: an aborted id may come back as new in the same step.
     """
 
     new_requests: list[NewRequestData]

@@ -76,8 +76,10 @@ def load_hf_config(model_path: str) -> PretrainedConfig:
     """
     from transformers import AutoConfig
 
+    config: PretrainedConfig
     if not is_gguf(model_path):
-        return AutoConfig.from_pretrained(model_path)
+        config = AutoConfig.from_pretrained(model_path)
+        return config
     folder, file_name = os.path.split(os.path.abspath(model_path))
     config = AutoConfig.from_pretrained(folder, gguf_file=file_name)
     if not config.architectures:
@@ -88,7 +90,7 @@ def load_hf_config(model_path: str) -> PretrainedConfig:
 def _causal_lm_class_name(model_type: str) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    name: str | None = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if name is None:
         raise ValueError(f"GGUF model type {model_type!r} has no causal-LM class in transformers")
     return name
@@ -203,8 +205,7 @@ def _read_field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
         if default is None:
             raise ValueError(f"GGUF file lacks metadata key {key!r}")
         return default
-    value = field.contents()
-    return value
+    return field.contents()
 
 
 # --------------------------------------------------------------------------- progress
