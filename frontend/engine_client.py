@@ -181,7 +181,10 @@ class ZmqEngineClient:
     async def _watch_heartbeats(self) -> None:
         interval_s = min(0.5, self.heartbeat_timeout_s / 4)
         while self._dead_reason is None:
+            slept_from = time.monotonic()
             await asyncio.sleep(interval_s)
+            if time.monotonic() - slept_from > 2 * interval_s + 0.5:
+                continue  # our own event loop was blocked: let the reader drain what arrived meanwhile
             silent_s = time.monotonic() - self._last_message_time
             if silent_s > self.heartbeat_timeout_s:
                 self._declare_dead(f"no message from the engine core for {silent_s:.1f} s")
@@ -192,7 +195,8 @@ class ZmqEngineClient:
             return
         logger.error("engine core is dead (%s); %d request(s) in flight fail, new ones answer 503",
                      reason, len(self._queues))
-        self._send_nowait(AbortRequest(list(self._queues))) if self._queues else None
+        if self._queues:  # in case only the heartbeats stopped: free the engine's blocks
+            self._send_nowait(AbortRequest(list(self._queues)))
         self._dead_reason = reason
         error = EngineDeadError(self._dead_message())
         for queue in self._queues.values():

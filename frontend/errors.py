@@ -83,17 +83,25 @@ def validation_error(errors: Sequence[Any]) -> BadRequestError:
     if not errors:
         return BadRequestError("invalid request")
     first = errors[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    location = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_union_tag(part)]
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error")
         return BadRequestError("the request body is not valid JSON" + (f": {detail}" if detail else ""))
     param = ".".join(location) or None
-    message = str(first.get("msg", "invalid value"))
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if param is None:
         return BadRequestError(f"invalid request body: {message}")
     if first.get("type") != "missing" and "input" in first:
         message = f"{message} (got {_short(first['input'])})"
     return BadRequestError(f"invalid value for '{param}': {message}", param=param)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "null"}
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic puts the union member it tried into `loc` ("stop", "str"); that is not a parameter name."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
 
 
 def _short(value: Any) -> str:

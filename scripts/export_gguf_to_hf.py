@@ -6,8 +6,11 @@ so a side-by-side benchmark compares servers rather than quantization formats:
 
     python scripts/export_gguf_to_hf.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out /work/peers/smollm2-hf
 
-The folder gets config.json, model.safetensors, the tokenizer files (tokenizer.json with the chat
-template in tokenizer_config.json) and generation_config.json.
+The folder gets config.json, model.safetensors, the tokenizer files (tokenizer.json, the chat
+template) and generation_config.json. `--f32-gguf FILE` also writes a float32 GGUF holding the same
+dequantized values, so llama.cpp can serve exactly the weights the HF folder holds:
+
+    python scripts/export_gguf_to_hf.py --gguf X.Q4_1.gguf --out DIR --f32-gguf /work/peers/smollm2-f32.gguf
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import argparse
 import json
 import pathlib
 import sys
+from typing import Any
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", required=True, type=pathlib.Path, help="path to the .gguf file")
     parser.add_argument("--out", required=True, type=pathlib.Path, help="output folder (created)")
+    parser.add_argument("--f32-gguf", type=pathlib.Path, help="also write a dequantized float32 GGUF here")
     parser.add_argument("--check-prompt", default="What is the capital of France?",
                         help="chat prompt answered greedily after export as a smoke check ('' to skip)")
     return parser.parse_args(argv)
@@ -37,7 +42,7 @@ def export(gguf: pathlib.Path, out: pathlib.Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # The weights are already dequantized float32 tensors; only the GGUF quantizer bookkeeping
     # remains, and it makes save_pretrained refuse ("quantized with gguf ... not serializable").
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     out.mkdir(parents=True, exist_ok=True)
@@ -69,19 +74,44 @@ def _drop_gguf_traces(out: pathlib.Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def export_f32_gguf(gguf_path: pathlib.Path, out_path: pathlib.Path) -> None:
+    """Copy a GGUF with every tensor dequantized to float32 and the metadata unchanged (but file_type)."""
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(out_path, arch)
+    for field in reader.fields.values():
+        # GGUF.* are virtual fields of the reader; architecture is written by GGUFWriter itself.
+        if field.name.startswith("GGUF.") or field.name in (gguf.Keys.General.ARCHITECTURE,
+                                                             gguf.Keys.General.FILE_TYPE):
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for tensor in reader.tensors:
+        weights = gguf.dequantize(tensor.data, tensor.tensor_type).astype("float32")  # numpy order
+        writer.add_tensor(tensor.name, weights)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def smoke_check(out: pathlib.Path, prompt: str) -> str:
     """Reload the exported folder and answer `prompt` greedily; returns the answer text."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer: Any = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     messages = [{"role": "user", "content": prompt}]
     input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                               return_dict=True)["input_ids"]
     with torch.inference_mode():
         output_ids = model.generate(input_ids, max_new_tokens=16, do_sample=False)
-    return tokenizer.decode(output_ids[0, input_ids.shape[1]:], skip_special_tokens=True)
+    return str(tokenizer.decode(output_ids[0, input_ids.shape[1]:], skip_special_tokens=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     export(args.gguf, args.out)
     print(f"exported {args.gguf} -> {args.out}")
+    if args.f32_gguf:
+        export_f32_gguf(args.gguf, args.f32_gguf)
+        print(f"wrote float32 GGUF {args.f32_gguf}")
     if args.check_prompt:
         print(f"check: {args.check_prompt!r} -> {smoke_check(args.out, args.check_prompt)!r}")
     return 0

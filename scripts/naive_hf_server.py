@@ -27,9 +27,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
 if TYPE_CHECKING:
     import torch
-    from fastapi import FastAPI
 
 _DONE = object()  # sentinel: generation finished (or failed) in the worker thread
 
@@ -210,7 +212,7 @@ async def stream_completion(engine: NaiveEngine, params: CompletionParams) -> As
 
 async def complete(engine: NaiveEngine, params: CompletionParams) -> dict[str, Any]:
     token_ids = [token_id async for token_id in run_generation(engine, params)]
-    text = engine.tokenizer.decode(token_ids, skip_special_tokens=True)
+    text = str(engine.tokenizer.decode(token_ids, skip_special_tokens=True))
     body = _chunk(f"cmpl-{uuid.uuid4().hex}", engine.model_name, int(time.time()), text,
                   _finish_reason(engine, params, token_ids))
     body["usage"] = _usage(len(params.prompt_ids), len(token_ids))
@@ -218,9 +220,6 @@ async def complete(engine: NaiveEngine, params: CompletionParams) -> dict[str, A
 
 
 def create_app(engine: NaiveEngine) -> FastAPI:
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-
     app = FastAPI(title="naive transformers baseline")
 
     @app.get("/health")

@@ -8,8 +8,9 @@
 #                              builds break `import vllm` on a CPU torch)
 #   $PEERS_DIR/llamacpp-venv   xllamacpp (a prebuilt llama.cpp server inside Python; seconds)
 #   $PEERS_DIR/export-deps     accelerate + psutil (--target), needed by transformers' GGUF loader
-#   $PEERS_DIR/smollm2-hf      SmolLM2-135M-Instruct dequantized to a float32 HF folder, so every
-#                              peer serves the same weights (scripts/export_gguf_to_hf.py)
+#   $PEERS_DIR/smollm2-hf      SmolLM2-135M-Instruct dequantized to a float32 HF folder, and
+#   $PEERS_DIR/smollm2-f32.gguf  the same float32 values as a GGUF for llama.cpp, so every peer
+#                              serves the same weights (scripts/export_gguf_to_hf.py)
 #
 # Usage: scripts/setup_peers.sh [vllm] [llamacpp] [model]   (no argument: all three)
 # Each step is skipped when its result already exists. Installs run under `nice -n 10`
@@ -67,8 +68,8 @@ setup_llamacpp() {
 }
 
 setup_model() {
-    local out="$PEERS_DIR/smollm2-hf"
-    if [[ -f "$out/config.json" && -f "$out/tokenizer.json" ]]; then
+    local out="$PEERS_DIR/smollm2-hf" f32_gguf="$PEERS_DIR/smollm2-f32.gguf"
+    if [[ -f "$out/config.json" && -f "$out/tokenizer.json" && -f "$f32_gguf" ]]; then
         log "model folder already exists: $out"
         return
     fi
@@ -81,7 +82,7 @@ setup_model() {
     fi
     log "exporting $gguf -> $out"
     PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 "${NICE[@]}" "$REPO_DIR/.venv/bin/python" \
-        "$REPO_DIR/scripts/export_gguf_to_hf.py" --gguf "$gguf" --out "$out"
+        "$REPO_DIR/scripts/export_gguf_to_hf.py" --gguf "$gguf" --out "$out" --f32-gguf "$f32_gguf"
 }
 
 steps=("$@")

@@ -8,8 +8,10 @@ One step's tokens from all requests are concatenated into one `[num_tokens]` bat
                        a decode sees every token of its request so far, the new one included.
 
 Each layer first writes the new tokens' K/V into the paged cache (`slot_mapping`), then reads the context back
-through the block tables. Requests with query_len > 1 run one SDPA call each; all query_len == 1 requests run
-together in one batched SDPA call with a padding mask.
+through the block tables, whole blocks at a time (one contiguous copy per block, far cheaper than per-slot
+gathers). Requests with query_len > 1 run one SDPA call each; all query_len == 1 requests run together in one
+batched SDPA call with a padding mask. On CPU, half-precision attention is computed in float32: torch's CPU
+SDPA kernels are several times slower in bfloat16 on machines without native bf16 matmul.
 
 KV cache per layer: `[2, num_blocks, block_size, num_kv_heads, head_dim]` (0 = keys, 1 = values); token at
 position p of a request lives in slot `block_ids[p // block_size] * block_size + p % block_size`.
@@ -25,12 +27,13 @@ from torch import nn
 
 @dataclass
 class PrefillSpan:
-    """One request with query_len > 1. `context_slots`/`mask` are None when the whole context is new (no
+    """One request with query_len > 1. `context_block_ids`/`mask` are None when the whole context is new (no
     cached prefix): then the fresh K/V are used directly with a plain causal mask."""
 
     token_start: int
     token_end: int
-    context_slots: torch.Tensor | None = None  # [seq_len] int64 cache slots of the full context
+    seq_len: int
+    context_block_ids: torch.Tensor | None = None  # [ceil(seq_len / block_size)] int64 blocks of the context
     mask: torch.Tensor | None = None  # [query_len, seq_len] bool, True = attend
 
 
@@ -45,20 +48,13 @@ class AttentionMetadata:
     positions: torch.Tensor  # [num_tokens] int64 position of each token within its request
     prefills: list[PrefillSpan] = field(default_factory=list)
     decode_token_indices: torch.Tensor | None = None  # [num_decodes] rows of the flattened batch
-    decode_context_slots: torch.Tensor | None = None  # [num_decodes, max_decode_len] int64, padding -> slot 0
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_decode_len] bool, True = attend
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_decode_blocks] int64, padding -> 0
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_decode_blocks * block_size] bool
     all_decode: bool = False  # every request has query_len == 1: decode output is the whole batch, in order
 
     @property
     def num_tokens(self) -> int:
         return self.query_start_loc[-1]
-
-
-def _context_slots(block_table: torch.Tensor, context_len: int, block_size: int) -> torch.Tensor:
-    """[..., max_blocks] block ids -> [..., context_len] slot ids of positions 0..context_len-1."""
-    offsets = torch.arange(context_len)  # [context_len]
-    blocks = block_table[..., offsets // block_size]  # [..., context_len]
-    return blocks * block_size + offsets % block_size  # [..., context_len]
 
 
 def build_attention_metadata(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
@@ -70,9 +66,8 @@ def build_attention_metadata(query_lens: list[int], seq_lens: list[int], block_t
     for query_len, seq_len, blocks in zip(query_lens, seq_lens, block_tables):
         assert 0 < query_len <= seq_len <= len(blocks) * block_size, (query_len, seq_len, len(blocks))
     max_blocks = max(len(blocks) for blocks in block_tables)
-    table = torch.zeros(num_reqs, max_blocks, dtype=torch.int64)  # [num_reqs, max_blocks]
-    for i, blocks in enumerate(block_tables):
-        table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+    padded = [blocks + [0] * (max_blocks - len(blocks)) for blocks in block_tables]
+    table = torch.tensor(padded, dtype=torch.int64)  # [num_reqs, max_blocks]
     query_lens_t = torch.tensor(query_lens, dtype=torch.int64)  # [num_reqs]
     query_start_loc = [0]
     for query_len in query_lens:
@@ -96,9 +91,9 @@ def _add_prefills(metadata: AttentionMetadata, query_lens: list[int], seq_lens: 
     for i, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
         if query_len == 1:
             continue
-        span = PrefillSpan(metadata.query_start_loc[i], metadata.query_start_loc[i + 1])
+        span = PrefillSpan(metadata.query_start_loc[i], metadata.query_start_loc[i + 1], seq_len)
         if seq_len > query_len:  # cached prefix: read the whole context from the cache
-            span.context_slots = _context_slots(table[i], seq_len, block_size).to(device)  # [seq_len]
+            span.context_block_ids = table[i, : -(-seq_len // block_size)].to(device)  # [num_context_blocks]
             ones = torch.ones(query_len, seq_len, dtype=torch.bool, device=device)  # [q, seq_len]
             span.mask = ones.tril(diagonal=seq_len - query_len)  # query j sits at position seq_len - q + j
         metadata.prefills.append(span)
@@ -110,13 +105,12 @@ def _add_decodes(metadata: AttentionMetadata, query_lens: list[int], seq_lens: l
     if not decode_reqs:
         return
     decode_seq_lens = torch.tensor([seq_lens[i] for i in decode_reqs], dtype=torch.int64)  # [D]
-    max_len = int(decode_seq_lens.max())
-    valid = torch.arange(max_len).unsqueeze(0) < decode_seq_lens.unsqueeze(1)  # [D, max_len]
-    slots = _context_slots(table[decode_reqs], max_len, block_size) * valid  # [D, max_len]
+    max_blocks = -(-int(decode_seq_lens.max()) // block_size)
+    valid = torch.arange(max_blocks * block_size).unsqueeze(0) < decode_seq_lens.unsqueeze(1)  # [D, max_len]
     metadata.all_decode = len(decode_reqs) == len(query_lens)
     metadata.decode_token_indices = torch.tensor(
         [metadata.query_start_loc[i] for i in decode_reqs], dtype=torch.int64).to(device)  # [D]
-    metadata.decode_context_slots = slots.to(device)
+    metadata.decode_block_tables = table[decode_reqs, :max_blocks].to(device)  # [D, max_blocks]
     metadata.decode_mask = valid[:, None, None, :].to(device)  # [D, 1, 1, max_len]
 
 
@@ -132,45 +126,49 @@ class Attention(nn.Module):
         """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim].
 
         Writes k/v into `kv_cache` (skipped when the cache is empty, as in a profiling run)."""
-        key_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [num_slots, kvh, hd]
-        value_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)  # [num_slots, kvh, hd]
         if kv_cache.numel() > 0:
-            key_cache.index_copy_(0, metadata.slot_mapping, k)
-            value_cache.index_copy_(0, metadata.slot_mapping, v)
+            kv_cache[0].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, metadata.slot_mapping, k)
+            kv_cache[1].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, metadata.slot_mapping, v)
         if metadata.all_decode:
-            return self._decode(q, key_cache, value_cache, metadata).flatten(1)  # [T, H * hd]
+            return self._decode(q, kv_cache, metadata).flatten(1)  # [T, H * hd]
         out = torch.empty_like(q)  # [T, H, hd]
         for span in metadata.prefills:
-            out[span.token_start:span.token_end] = self._prefill(q, k, v, key_cache, value_cache, span)
+            out[span.token_start:span.token_end] = self._prefill(q, k, v, kv_cache, span)
         if metadata.decode_token_indices is not None:
             q_decode = q.index_select(0, metadata.decode_token_indices)  # [D, H, hd]
-            out.index_copy_(0, metadata.decode_token_indices,
-                            self._decode(q_decode, key_cache, value_cache, metadata))
+            out.index_copy_(0, metadata.decode_token_indices, self._decode(q_decode, kv_cache, metadata))
         return out.flatten(1)  # [T, H * hd]
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
-                 value_cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 span: PrefillSpan) -> torch.Tensor:
         q_span = q[span.token_start:span.token_end].transpose(0, 1).unsqueeze(0)  # [1, H, q, hd]
-        if span.context_slots is None:
+        if span.context_block_ids is None:
             k_ctx, v_ctx = k[span.token_start:span.token_end], v[span.token_start:span.token_end]  # [q, kvh, hd]
         else:
-            k_ctx = key_cache.index_select(0, span.context_slots)  # [seq_len, kvh, hd]
-            v_ctx = value_cache.index_select(0, span.context_slots)  # [seq_len, kvh, hd]
-        out = F.scaled_dot_product_attention(
-            q_span, k_ctx.transpose(0, 1).unsqueeze(0), v_ctx.transpose(0, 1).unsqueeze(0),
-            attn_mask=span.mask, is_causal=span.mask is None, scale=self.scale, enable_gqa=True)  # [1, H, q, hd]
+            blocks = kv_cache.index_select(1, span.context_block_ids)  # [2, num_context_blocks, bs, kvh, hd]
+            k_ctx, v_ctx = blocks.flatten(1, 2)[:, : span.seq_len]  # [seq_len, kvh, hd] each
+        out = _sdpa(q_span, k_ctx.transpose(0, 1).unsqueeze(0), v_ctx.transpose(0, 1).unsqueeze(0),
+                    span.mask, self.scale)  # [1, H, q, hd]
         return out[0].transpose(0, 1)  # [q, H, hd]
 
-    def _decode(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                metadata: AttentionMetadata) -> torch.Tensor:
-        slots = metadata.decode_context_slots
-        assert slots is not None and metadata.decode_mask is not None
-        num_decodes, max_len = slots.shape
-        flat_slots = slots.flatten()  # [D * max_len]
-        k_ctx = key_cache.index_select(0, flat_slots).view(num_decodes, max_len, self.num_kv_heads, self.head_dim)
-        v_ctx = value_cache.index_select(0, flat_slots).view(num_decodes, max_len, self.num_kv_heads, self.head_dim)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [D, H, 1, hd]
-            k_ctx.transpose(1, 2), v_ctx.transpose(1, 2),  # [D, kvh, max_len, hd]
-            attn_mask=metadata.decode_mask, scale=self.scale, enable_gqa=True)  # [D, H, 1, hd]
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        block_tables, mask = metadata.decode_block_tables, metadata.decode_mask
+        assert block_tables is not None and mask is not None
+        num_decodes = block_tables.shape[0]
+        blocks = kv_cache.index_select(1, block_tables.flatten())  # [2, D * max_blocks, bs, kvh, hd]
+        k_ctx, v_ctx = blocks.view(2, num_decodes, -1, self.num_kv_heads, self.head_dim)  # [D, max_len, kvh, hd]
+        out = _sdpa(q.unsqueeze(2),  # [D, H, 1, hd]
+                    k_ctx.transpose(1, 2), v_ctx.transpose(1, 2),  # [D, kvh, max_len, hd]
+                    mask, self.scale)  # [D, H, 1, hd]
         return out.squeeze(2)  # [D, H, hd]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          scale: float) -> torch.Tensor:
+    """SDPA with grouped KV heads; causal when `mask` is None. Half precision on CPU runs in float32."""
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                         enable_gqa=True)
+    return out.to(dtype)

@@ -110,7 +110,7 @@ def server_model(tiny_models: Path) -> str:
 
 def test_client_disconnect_aborts_and_frees_blocks(llama_server: ConveyorServer) -> None:
     with httpx.stream("POST", f"{llama_server.base_url}/v1/completions", timeout=60.0, json={
-            "model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 450, "temperature": 0, "ignore_eos": True,
+            "model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 140, "temperature": 0, "ignore_eos": True,
             "stream": True}) as response:
         chunks = 0
         for line in response.iter_lines():
@@ -118,6 +118,6 @@ def test_client_disconnect_aborts_and_frees_blocks(llama_server: ConveyorServer)
             if chunks >= 3:
                 break
         assert llama_server.metric("conveyor:kv_cache_usage_perc") > 0
-    # the connection is closed here, long before 450 tokens
+    # the connection is closed here, long before 140 tokens
     assert _wait_for(lambda: llama_server.metric("conveyor:num_requests_running") == 0
                      and llama_server.metric("conveyor:kv_cache_usage_perc") == 0.0)

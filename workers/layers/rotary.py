@@ -47,6 +47,7 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_position, dtype=torch.float32, device=inv_freq.device)  # [max_position]
         freqs = torch.outer(positions, inv_freq)  # [max_position, head_dim / 2]
         cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)  # [max_position, head_dim]
+        self.cos_sin_cache: torch.Tensor
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ from workers.layers import (
 logger = logging.getLogger(__name__)
 
 # (fused parameter module, checkpoint module, shard id)
-_STACKED_PARAMS = [
+_STACKED_PARAMS: list[tuple[str, str, str | int]] = [
     ("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
     ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
 ]
@@ -139,8 +139,8 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.num_layers = hf_config.num_hidden_layers
-        first_attn = self.model.layers[0].self_attn
-        self.num_kv_heads, self.head_dim = first_attn.num_kv_heads, first_attn.head_dim
+        first_layer: LlamaDecoderLayer = self.model.layers[0]  # type: ignore[assignment]
+        self.num_kv_heads, self.head_dim = first_layer.self_attn.num_kv_heads, first_layer.self_attn.head_dim
         _warn_sliding_window(hf_config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],

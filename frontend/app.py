@@ -1,0 +1,52 @@
+"""The FastAPI application of one frontend process.
+
+`create_app` builds the process state (tokenizer, chat template, sampling defaults, metrics) at once, so a bad
+model folder fails at start-up; the lifespan starts and closes the engine client.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI
+
+from engine_core.config import FrontendConfig, ModelConfig
+from frontend.dependencies import verify_api_key
+from frontend.engine_client import EngineClient
+from frontend.errors import install_error_handlers
+from frontend.routers import chat, completions, metrics, models, tokenize
+from frontend.serving_chat import ChatServing
+from frontend.serving_completion import CompletionServing
+from frontend.state import FrontendState
+
+logger = logging.getLogger("conveyor.frontend")
+
+
+def create_app(model_config: ModelConfig, frontend_config: FrontendConfig, engine_client: EngineClient) -> FastAPI:
+    """An app serving `model_config` through `engine_client` (started and closed by the app's lifespan)."""
+    state = FrontendState.build(model_config, frontend_config, engine_client)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine_client.start()
+        try:
+            yield
+        finally:
+            await engine_client.close()
+
+    app = FastAPI(title="Conveyor", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.frontend = state
+    app.state.completion_serving = CompletionServing(state)
+    app.state.chat_serving = ChatServing(state)
+    install_error_handlers(app)
+    protected = [Depends(verify_api_key)]
+    app.include_router(models.v1_router, dependencies=protected)
+    app.include_router(completions.v1_router, dependencies=protected)
+    app.include_router(chat.v1_router, dependencies=protected)
+    app.include_router(models.router)
+    app.include_router(tokenize.router)
+    app.include_router(metrics.router)
+    if state.api_key is not None:
+        logger.info("API key required on /v1 routes")
+    return app

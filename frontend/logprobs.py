@@ -1,0 +1,58 @@
+"""Engine logprobs -> the two OpenAI shapes: legacy completions and chat completions."""
+from __future__ import annotations
+
+from typing import Any
+
+from frontend.detokenizer import TokenRecord
+from frontend.tokenizer import TokenizerInfo
+
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+def _clamp(logprob: float) -> float:
+    return logprob if logprob > _MIN_LOGPROB else _MIN_LOGPROB
+
+
+def completion_logprobs(tokenizer: TokenizerInfo, records: list[TokenRecord], text_offset_base: int,
+                        num_top: int) -> dict[str, list[Any]]:
+    """{tokens, token_logprobs, top_logprobs: [{token text: logprob}], text_offset}; the chosen token is
+    always among its position's top_logprobs (vLLM's convention)."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offsets: list[int] = []
+    for record in records:
+        text = tokenizer.token_text(record.token_id)
+        tokens.append(text)
+        text_offsets.append(text_offset_base + record.text_offset)
+        if record.logprobs is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(_clamp(record.logprobs.logprob))
+        # Distinct ids can read the same (two partial bytes both show as U+FFFD): first entry wins, so the
+        # chosen token keeps its own logprob and the others keep their best.
+        top = {text: _clamp(record.logprobs.logprob)}
+        for token_id, logprob in zip(record.logprobs.top_token_ids[:num_top], record.logprobs.top_logprobs[:num_top]):
+            top.setdefault(tokenizer.token_text(token_id), _clamp(logprob))
+        top_logprobs.append(top)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offsets}
+
+
+def chat_logprobs(tokenizer: TokenizerInfo, records: list[TokenRecord], num_top: int) -> dict[str, Any]:
+    """{content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], refusal: None}."""
+    content: list[dict[str, Any]] = []
+    for record in records:
+        entry: dict[str, Any] = {"token": tokenizer.token_text(record.token_id),
+                                 "logprob": _MIN_LOGPROB, "bytes": tokenizer.token_bytes(record.token_id),
+                                 "top_logprobs": []}
+        if record.logprobs is not None:
+            entry["logprob"] = _clamp(record.logprobs.logprob)
+            entry["top_logprobs"] = [
+                {"token": tokenizer.token_text(token_id), "logprob": _clamp(logprob),
+                 "bytes": tokenizer.token_bytes(token_id)}
+                for token_id, logprob in zip(record.logprobs.top_token_ids[:num_top],
+                                             record.logprobs.top_logprobs[:num_top])]
+        content.append(entry)
+    return {"content": content, "refusal": None}

@@ -1,0 +1,192 @@
+"""Pydantic request schemas for the OpenAI API (plus vLLM's extra fields), validated at the door.
+
+Unknown fields are accepted (clients send newer OpenAI fields, or `extra_body` extras we do not implement) and
+listed in one log line per request. Responses are plain dicts built by the serving code.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+logger = logging.getLogger("conveyor.frontend")
+
+_MAX_LOGPROBS = 20
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class OpenAIModel(BaseModel):
+    """Base: allow and log unknown fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_unknown_fields(self) -> OpenAIModel:
+        if self.model_extra:
+            logger.warning("%s: ignoring unknown field(s) %s", type(self).__name__, sorted(self.model_extra))
+        return self
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingRequest(OpenAIModel):
+    """Fields shared by completions and chat completions. None means "not given" (defaults apply later)."""
+
+    model: Optional[str] = None
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Optional[float] = Field(None, ge=0.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=-1)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    seed: Optional[int] = Field(None, ge=_INT64_MIN, le=_INT64_MAX - 1024)
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None
+    cache_salt: Optional[str] = None
+    priority: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    echo: bool = False
+    return_token_ids: bool = False  # vLLM: add prompt_token_ids and token_ids to the choices
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [stop_str for stop_str in stops if stop_str]
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's `stream_options.continuous_usage_stats`: usage so far in every chunk."""
+        return bool(self.include_usage and self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+PromptInput = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: PromptInput
+    max_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[int] = Field(None, ge=0, le=_MAX_LOGPROBS)
+    add_special_tokens: bool = True
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, prompt: PromptInput) -> PromptInput:
+        if isinstance(prompt, list) and (not prompt or any(isinstance(item, list) and not item for item in prompt)):
+            raise ValueError("the prompt must not be empty")
+        return prompt
+
+    @field_validator("suffix")
+    @classmethod
+    def _check_suffix(cls, suffix: Optional[str]) -> Optional[str]:
+        if suffix:
+            raise ValueError("suffix is not supported")
+        return suffix
+
+    @field_validator("best_of")
+    @classmethod
+    def _check_best_of(cls, best_of: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if best_of is not None and best_of != info.data.get("n", 1):
+            raise ValueError("best_of is not supported (only best_of == n)")
+        return best_of
+
+
+class TextPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIModel):
+    """Extra keys (name, tool_calls, tool_call_id, reasoning_content, ...) pass through to the template."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: Optional[Union[str, list[TextPart]]] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _only_text_parts(cls, content: Any) -> Any:
+        if isinstance(content, list):
+            for part in content:
+                part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if part_type != "text":
+                    raise ValueError(f"only text content parts are supported (got a part of type {part_type!r})")
+        return content
+
+    @model_validator(mode="after")
+    def _log_unknown_fields(self) -> ChatMessage:
+        return self  # extra message keys are expected (template variables), not worth a log line
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class ChatTemplateFields(OpenAIModel):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    documents: Optional[list[dict[str, Any]]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[list[dict[str, Any]]] = None
+
+
+class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=_MAX_LOGPROBS)
+    add_special_tokens: bool = False
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, top_logprobs: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if top_logprobs is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return top_logprobs
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeCompletionRequest(OpenAIModel):
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(ChatTemplateFields):
+    model: Optional[str] = None
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: Optional[str] = None
+    tokens: list[int]

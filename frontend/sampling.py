@@ -1,0 +1,133 @@
+"""Request fields -> `SamplingParams`, with defaults from generation_config.json and the model's EOS ids.
+
+Precedence for each sampling field: the request's value, else the model's generation_config.json value (unless
+`--generation-config vllm`), else the engine default in `SamplingParams`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine_core.config import ModelConfig
+from engine_core.protocol import SamplingParams
+from frontend.errors import BadRequestError
+from frontend.protocol import SamplingRequest
+from frontend.tokenizer import TokenizerInfo, read_json
+
+logger = logging.getLogger("conveyor.frontend")
+
+# generation_config.json key -> request field
+_GENERATION_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def load_generation_defaults(model_config: ModelConfig) -> dict[str, Any]:
+    """Default sampling values from generation_config.json; {} with `--generation-config vllm`."""
+    choice = model_config.generation_config
+    if choice == "vllm":
+        logger.info("generation config: engine defaults (--generation-config vllm)")
+        return {}
+    folder = Path(model_config.model) if choice == "auto" else Path(choice)
+    if choice == "auto" and not folder.is_dir():
+        folder = Path(model_config.tokenizer_dir)  # e.g. a .gguf model: look beside its tokenizer
+    config = read_json(folder / "generation_config.json")
+    defaults = {field: config[key] for key, field in _GENERATION_CONFIG_KEYS.items()
+                if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool)}
+    if defaults:
+        logger.info("default sampling parameters from %s: %s", folder / "generation_config.json", defaults)
+    else:
+        logger.info("no default sampling parameters in %s; using engine defaults", folder)
+    return defaults
+
+
+@dataclass(frozen=True)
+class EosConfig:
+    """The request's eos_token_id and the further EOS ids that go into stop_token_ids."""
+
+    eos_token_id: int | None
+    extra_stop_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_model(cls, model_config: ModelConfig, tokenizer: TokenizerInfo) -> EosConfig:
+        ids = list(model_config.eos_token_ids)
+        if not ids and tokenizer.eos_token_id is not None:
+            ids = [tokenizer.eos_token_id]
+        return cls(ids[0] if ids else None, tuple(ids[1:]))
+
+
+def resolve_api_key(configured: str | None) -> str | None:
+    return configured or os.environ.get("VLLM_API_KEY") or None
+
+
+def check_context_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int,
+                         what: str = "prompt") -> None:
+    """400 when prompt + completion would not fit the context window."""
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise BadRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {what}, {max_tokens} in the "
+            f"completion). Please reduce the length of the {what} or completion.", param="max_tokens")
+
+
+def check_token_ids(token_ids: list[int], tokenizer: TokenizerInfo, param: str) -> None:
+    for token_id in token_ids:
+        if not tokenizer.is_valid_id(token_id):
+            raise BadRequestError(f"invalid value for '{param}': token id {token_id} is out of vocabulary "
+                                  f"(size {tokenizer.vocab_size})", param=param)
+
+
+def _logit_bias(request: SamplingRequest, tokenizer: TokenizerInfo) -> dict[int, float] | None:
+    if not request.logit_bias:
+        return None
+    bias: dict[int, float] = {}
+    for key, value in request.logit_bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise BadRequestError(f"invalid value for 'logit_bias': keys must be token ids, got {key!r}",
+                                  param="logit_bias") from None
+        check_token_ids([token_id], tokenizer, "logit_bias")
+        bias[token_id] = max(-100.0, min(100.0, float(value)))
+    return bias
+
+
+def build_sampling_params(request: SamplingRequest, defaults: dict[str, Any], eos: EosConfig,
+                          tokenizer: TokenizerInfo, *, max_tokens: int, logprobs: int | None,
+                          seed_offset: int) -> SamplingParams:
+    """One engine request's params; `seed_offset` (the choice's index among n) keeps n samples distinct."""
+
+    def pick(name: str, fallback: Any) -> Any:
+        value = getattr(request, name)
+        return value if value is not None else defaults.get(name, fallback)
+
+    stop_token_ids = list(request.stop_token_ids or [])
+    check_token_ids(stop_token_ids, tokenizer, "stop_token_ids")
+    stop_token_ids += [token_id for token_id in eos.extra_stop_token_ids if token_id not in stop_token_ids]
+    top_k = int(pick("top_k", 0))
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(pick("temperature", 1.0)),
+        top_p=float(pick("top_p", 1.0)),
+        top_k=0 if top_k < 0 else top_k,
+        min_p=float(pick("min_p", 0.0)),
+        presence_penalty=float(request.presence_penalty or 0.0),
+        frequency_penalty=float(request.frequency_penalty or 0.0),
+        repetition_penalty=float(pick("repetition_penalty", 1.0)),
+        seed=None if request.seed is None else request.seed + seed_offset,
+        min_tokens=request.min_tokens or 0,
+        stop_token_ids=stop_token_ids,
+        ignore_eos=bool(request.ignore_eos),
+        logprobs=logprobs,
+        logit_bias=_logit_bias(request, tokenizer),
+    )
+
+
+def default_max_tokens(request_max_tokens: int | None, defaults: dict[str, Any], fallback: int) -> int:
+    """The request's max_tokens, else generation_config's max_new_tokens, else `fallback`."""
+    if request_max_tokens is not None:
+        return request_max_tokens
+    configured = defaults.get("max_tokens")
+    return min(int(configured), fallback) if configured else fallback

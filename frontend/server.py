@@ -1,0 +1,89 @@
+"""Process entry point of a frontend: bind the shared port, run uvicorn (uvloop + httptools), exit cleanly.
+
+Several frontends (`--api-server-count N`) bind the same host:port with SO_REUSEPORT; the kernel spreads new
+connections across them. SIGTERM/SIGINT stop accepting, let open requests finish (up to a grace period),
+close the engine client and return.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+from typing import Any, Iterator
+
+import uvicorn
+
+from engine_core.config import FrontendConfig, ModelConfig
+from frontend.app import create_app
+from frontend.engine_client import ZmqEngineClient
+
+logger = logging.getLogger("conveyor.frontend")
+
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket with SO_REUSEADDR and SO_REUSEPORT (uvicorn calls listen on it)."""
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without re-raising the captured signal after shutdown: we return normally instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous: dict[int, Any] = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self.handle_exit)
+        except ValueError:  # not the main thread (tests): no signal handling
+            pass
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def make_server(app: Any, log_level: str) -> _Server:
+    config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", log_level=log_level,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)
+    return _Server(config)
+
+
+def run_frontend(model_config: ModelConfig, frontend_config: FrontendConfig, engine_address: str,
+                 client_index: int) -> None:
+    """Serve the OpenAI API for `model_config` on frontend_config.host:port until SIGTERM/SIGINT."""
+    _become_child_process(f"conveyor-fe{client_index}")
+    sock = bind_socket(frontend_config.host, frontend_config.port)
+    app = create_app(model_config, frontend_config, ZmqEngineClient(engine_address, client_index))
+    server = make_server(app, frontend_config.uvicorn_log_level)
+    logger.info("frontend %d serving %s on http://%s:%d", client_index, model_config.served_model_name,
+                frontend_config.host, frontend_config.port)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    logger.info("frontend %d stopped", client_index)
+
+
+def _become_child_process(name: str) -> None:
+    """Shared process set-up (logging, process name, die with the parent) when the engine package offers it."""
+    try:
+        from engine_core.process_utils import become_child_process, configure_logging
+    except ImportError:
+        logging.basicConfig(level=logging.INFO)
+        return
+    become_child_process(name)
+    configure_logging(name.replace("conveyor-", ""))

@@ -1,0 +1,137 @@
+"""POST /v1/chat/completions: render the chat template -> tokenize -> fan out -> aggregate or stream."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import Request
+
+from frontend.chat_template import ChatTemplateError, ContentFormat
+from frontend.detokenizer import TokenRecord
+from frontend.errors import APIError, BadRequestError, error_event
+from frontend.generation import Choice, make_choices, run_choices, usage
+from frontend.logprobs import chat_logprobs
+from frontend.protocol import ChatCompletionRequest, ChatMessage, ChatTemplateFields
+from frontend.sampling import check_context_length, default_max_tokens
+from frontend.state import FrontendState
+from frontend.streaming import SSE_DONE, ClientDisconnected, sse_event, unless_disconnected
+
+
+def message_for_template(message: ChatMessage, content_format: ContentFormat) -> dict[str, Any]:
+    """One message as the template expects it: content as a string, or as a list of text parts."""
+    data = message.model_dump(exclude_none=True)
+    if content_format == "string":
+        data["content"] = message.text()
+    elif isinstance(message.content, str):
+        data["content"] = [{"type": "text", "text": message.content}]
+    else:
+        data["content"] = [part.model_dump() for part in message.content or []]
+    return data
+
+
+def render_chat_prompt(frontend: FrontendState, fields: ChatTemplateFields) -> str:
+    """The prompt text for a chat request (400 if there is no template or it cannot render these messages)."""
+    template = frontend.chat_template
+    if template is None:
+        raise BadRequestError("this model has no chat template; pass --chat-template or use /v1/completions",
+                              param="messages")
+    messages = [message_for_template(message, template.content_format) for message in fields.messages]
+    try:
+        return template.render(messages, add_generation_prompt=fields.add_generation_prompt,
+                               continue_final_message=fields.continue_final_message, tools=fields.tools,
+                               documents=fields.documents, extra_kwargs=fields.chat_template_kwargs)
+    except ChatTemplateError as exc:
+        raise BadRequestError(str(exc), param="messages") from exc
+
+
+class ChatServing:
+    def __init__(self, frontend: FrontendState) -> None:
+        self.frontend = frontend
+
+    async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
+        frontend = self.frontend
+        frontend.check_model(request.model)
+        frontend.check_engine_alive()
+        prompt_token_ids = frontend.tokenizer.encode(render_chat_prompt(frontend, request),
+                                                     request.add_special_tokens)
+        max_model_len = frontend.model_config.max_model_len
+        max_tokens = default_max_tokens(request.requested_max_tokens, frontend.generation_defaults,
+                                        max_model_len - len(prompt_token_ids))
+        check_context_length(len(prompt_token_ids), max(max_tokens, 1), max_model_len, what="messages")
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        choices = make_choices(frontend, request, request_id, [prompt_token_ids], [max_tokens], logprobs)
+        role = "assistant" if request.add_generation_prompt else request.messages[-1].role
+        last = request.messages[-1]
+        echo_text = last.text() if request.echo and last.role == role else ""
+        header = {"id": request_id, "created": int(time.time()), "model": frontend.model_config.served_model_name}
+        if request.stream:
+            return StreamingResponse(self._stream(request, choices, header, role, echo_text),
+                                     media_type="text/event-stream")
+        try:
+            body = await unless_disconnected(raw_request,
+                                             self._collect(request, choices, header, role, echo_text))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        return JSONResponse(body)
+
+    def _logprobs(self, request: ChatCompletionRequest, records: list[TokenRecord]) -> dict[str, Any] | None:
+        if not request.logprobs:
+            return None
+        return chat_logprobs(self.frontend.tokenizer, records, request.top_logprobs or 0)
+
+    async def _collect(self, request: ChatCompletionRequest, choices: list[Choice], header: dict[str, Any],
+                       role: str, echo_text: str) -> dict[str, Any]:
+        records: list[list[TokenRecord]] = [[] for _ in choices]
+        async for delta in run_choices(self.frontend, choices):
+            records[delta.index].extend(delta.tokens)
+        body_choices = [{
+            "index": choice.state.index,
+            "message": {"role": role, "content": echo_text + choice.state.text, "tool_calls": []},
+            "logprobs": self._logprobs(request, records[choice.state.index]),
+            "finish_reason": choice.state.finish_reason, "stop_reason": choice.state.stop_reason,
+            **({"token_ids": choice.state.token_ids} if request.return_token_ids else {}),
+        } for choice in choices]
+        body = {**header, "object": "chat.completion", "choices": body_choices, "usage": usage(choices),
+                "system_fingerprint": None}
+        if request.return_token_ids:
+            body["prompt_token_ids"] = choices[0].prompt_token_ids
+        return body
+
+    async def _stream(self, request: ChatCompletionRequest, choices: list[Choice], header: dict[str, Any],
+                      role: str, echo_text: str) -> AsyncIterator[str]:
+        chunk_header: dict[str, Any] = {**header, "object": "chat.completion.chunk"}
+        if request.include_usage:
+            chunk_header["usage"] = None
+
+        def chunk(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None,
+                  finish_reason: str | None = None, stop_reason: int | str | None = None,
+                  token_ids: list[int] | None = None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            if finish_reason is not None:
+                choice["stop_reason"] = stop_reason
+            if token_ids is not None:
+                choice["token_ids"] = token_ids
+            if request.continuous_usage:
+                return sse_event({**chunk_header, "choices": [choice], "usage": usage(choices)})
+            return sse_event({**chunk_header, "choices": [choice]})
+
+        try:
+            if request.return_token_ids:
+                chunk_header["prompt_token_ids"] = choices[0].prompt_token_ids
+            for choice in choices:
+                yield chunk(choice.state.index, {"role": role, "content": ""})
+            chunk_header.pop("prompt_token_ids", None)  # only on the role chunks
+            for choice in choices if echo_text else []:
+                yield chunk(choice.state.index, {"content": echo_text})
+            async for delta in run_choices(self.frontend, choices):
+                token_ids = [record.token_id for record in delta.tokens] if request.return_token_ids else None
+                yield chunk(delta.index, {"content": delta.text} if delta.text else {},
+                            self._logprobs(request, delta.tokens), delta.finish_reason, delta.stop_reason, token_ids)
+            if request.include_usage:
+                yield sse_event({**chunk_header, "choices": [], "usage": usage(choices)})
+        except APIError as exc:
+            yield error_event(exc)
+        yield SSE_DONE

@@ -1,0 +1,55 @@
+"""Everything one frontend process holds for its lifetime, built once by `create_app` and kept in app.state."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from engine_core.config import FrontendConfig, ModelConfig
+from frontend.chat_template import ChatTemplate, load_chat_template
+from frontend.engine_client import EngineClient
+from frontend.errors import EngineDeadError, NotFoundError
+from frontend.metrics import FrontendMetrics
+from frontend.sampling import EosConfig, load_generation_defaults, resolve_api_key
+from frontend.tokenizer import TokenizerInfo
+
+logger = logging.getLogger("conveyor.frontend")
+
+
+@dataclass
+class FrontendState:
+    """Read-only after start-up; no per-request state lives here."""
+
+    model_config: ModelConfig
+    frontend_config: FrontendConfig
+    engine: EngineClient
+    tokenizer: TokenizerInfo
+    chat_template: ChatTemplate | None
+    generation_defaults: dict[str, Any]
+    eos: EosConfig
+    metrics: FrontendMetrics
+    api_key: str | None
+    created: int  # unix time of start-up, shown in /v1/models
+
+    @classmethod
+    def build(cls, model_config: ModelConfig, frontend_config: FrontendConfig,
+              engine: EngineClient) -> FrontendState:
+        tokenizer = TokenizerInfo(model_config.tokenizer_dir)
+        eos = EosConfig.from_model(model_config, tokenizer)
+        logger.info("eos_token_id %s, extra stop token ids %s", eos.eos_token_id, list(eos.extra_stop_token_ids))
+        return cls(model_config=model_config, frontend_config=frontend_config, engine=engine,
+                   tokenizer=tokenizer,
+                   chat_template=load_chat_template(model_config, tokenizer.special_tokens),
+                   generation_defaults=load_generation_defaults(model_config), eos=eos,
+                   metrics=FrontendMetrics(model_config.served_model_name, lambda: engine.scheduler_stats),
+                   api_key=resolve_api_key(frontend_config.api_key), created=int(time.time()))
+
+    def check_model(self, model: str | None) -> None:
+        """404 for a model this server does not serve; a missing name means the served one."""
+        if model and model not in (self.model_config.served_model_name, self.model_config.model):
+            raise NotFoundError(f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    def check_engine_alive(self) -> None:
+        if self.engine.is_dead:
+            raise EngineDeadError(f"the engine is not available ({self.engine.dead_reason})")

@@ -1,0 +1,441 @@
+#!/usr/bin/env python3
+"""Benchmark OpenAI-compatible servers on /v1/completions with streaming, side by side.
+
+    python scripts/bench_serving.py --tokenizer /work/peers/smollm2-hf \\
+        --target conveyor=http://127.0.0.1:8100 --target vllm=http://127.0.0.1:8200 \\
+        --input-len 128 --output-len 128 --concurrency 1 4 16 --result-json bench_results/run.json
+
+Workload: `--num-prompts` random prompts per concurrency level (default max(8, 2 x concurrency)), each
+made of random token ids from the tokenizer (tokenizer.json of `--tokenizer DIR`) decoded to text and
+re-encoded until it is `--input-len` tokens long; or a JSONL file (`--dataset`) of
+{"prompt": ..., "max_tokens": ...} lines, cycled. Every target gets the same prompts; levels run in
+order and, within a level, the targets run one after another with the order rotated per level, so
+machine noise is shared fairly. Requests are sent greedily (temperature 0) with `ignore_eos` when
+the server accepts it (probed once per target), so each request makes exactly max_tokens tokens.
+
+Per level and target: request, output and total token throughput; TTFT; TPOT = (e2e - ttft) /
+(output_tokens - 1) per request; ITL = gaps between streamed chunks; e2e latency (mean, p50, p99, in
+ms). Output tokens come from the streamed `usage` (stream_options.include_usage) when present, else
+from the number of streamed token chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    base_url: str  # without the trailing /v1
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    prompt: str
+    num_prompt_tokens: int  # by the benchmark's tokenizer; 0 when unknown (dataset without tokenizer)
+    max_tokens: int
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str = ""
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    num_output_tokens: int = 0
+    num_prompt_tokens: int = 0
+    chunk_gaps_s: list[float] = field(default_factory=list)  # between consecutive content chunks
+
+
+@dataclass
+class TargetSession:
+    """Per-target state found by probing: the model name to send and whether ignore_eos is accepted."""
+
+    target: Target
+    model: str
+    ignore_eos: bool
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+def parse_target(text: str) -> Target:
+    name, sep, url = text.partition("=")
+    if not sep or not name or not url:
+        raise argparse.ArgumentTypeError(f"expected NAME=BASE_URL, got {text!r}")
+    url = url.rstrip("/")
+    return Target(name, url[: -len("/v1")] if url.endswith("/v1") else url)
+
+
+def load_tokenizer(folder: str) -> Any:
+    from tokenizers import Tokenizer
+
+    path = Path(folder)
+    return Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+
+
+def random_prompt(tokenizer: Any, num_tokens: int, rng: random.Random, candidate_ids: list[int]) -> PromptSpec:
+    """A prompt of random (non-special) tokens whose re-encoding has about `num_tokens` tokens."""
+    token_ids = [rng.choice(candidate_ids) for _ in range(num_tokens)]
+    text = tokenizer.decode(token_ids)
+    for _ in range(10):  # decode/encode is not a round trip: trim or extend until the length settles
+        encoded = tokenizer.encode(text, add_special_tokens=False).ids
+        if len(encoded) == num_tokens:
+            break
+        if len(encoded) > num_tokens:
+            text = tokenizer.decode(encoded[:num_tokens])
+        else:
+            text = text + tokenizer.decode([rng.choice(candidate_ids) for _ in range(num_tokens - len(encoded))])
+    num_prompt_tokens = len(tokenizer.encode(text, add_special_tokens=False).ids)
+    return PromptSpec(text, num_prompt_tokens, 0)
+
+
+def random_workload(tokenizer: Any, num_prompts: int, input_len: int, output_len: int, seed: int) -> list[PromptSpec]:
+    rng = random.Random(seed)
+    special_ids = set(tokenizer.get_added_tokens_decoder())
+    candidate_ids = [i for i in range(tokenizer.get_vocab_size()) if i not in special_ids]
+    specs = [random_prompt(tokenizer, input_len, rng, candidate_ids) for _ in range(num_prompts)]
+    return [PromptSpec(s.prompt, s.num_prompt_tokens, output_len) for s in specs]
+
+
+def dataset_workload(path: str, num_prompts: int, tokenizer: Any | None, default_max_tokens: int) -> list[PromptSpec]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise SystemExit(f"{path}: no prompts")
+    specs = []
+    for i in range(num_prompts):
+        row = rows[i % len(rows)]
+        num_tokens = len(tokenizer.encode(row["prompt"], add_special_tokens=False).ids) if tokenizer else 0
+        specs.append(PromptSpec(row["prompt"], num_tokens, int(row.get("max_tokens", default_max_tokens))))
+    return specs
+
+
+# ----------------------------------------------------------------------------- one request
+
+
+def request_body(session: TargetSession, spec: PromptSpec, temperature: float) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": session.model, "prompt": spec.prompt, "max_tokens": spec.max_tokens,
+        "temperature": temperature, "stream": True, "stream_options": {"include_usage": True},
+    }
+    if session.ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+def _is_token_chunk(choice: dict[str, Any]) -> bool:
+    """A chunk that carries a generated token: text, or empty text (a held-back partial character)
+    before the finish; an empty chunk that only carries finish_reason is not a token."""
+    return bool(choice.get("text")) or ("text" in choice and choice.get("finish_reason") is None)
+
+
+class _StreamFailed(Exception):
+    """A request failed; `retryable` when the server dropped the connection before answering."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message[:300])
+        self.retryable = retryable
+
+
+async def send_request(client: httpx.AsyncClient, session: TargetSession, spec: PromptSpec,
+                       temperature: float) -> RequestResult:
+    """Stream one completion and time it; failures are recorded, never raised.
+
+    A connection the server closed before sending any response (a keep-alive race) is retried once,
+    with the clock restarted."""
+    for attempt in range(2):
+        result = RequestResult(num_prompt_tokens=spec.num_prompt_tokens)
+        try:
+            await _stream_completion(client, session, spec, temperature, result)
+            return result
+        except _StreamFailed as exc:
+            result.error = str(exc)
+            if not exc.retryable or attempt == 1:
+                return result
+    raise AssertionError("unreachable")
+
+
+async def _stream_completion(client: httpx.AsyncClient, session: TargetSession, spec: PromptSpec,
+                             temperature: float, result: RequestResult) -> None:
+    """Send one streaming request and fill `result`; raises _StreamFailed."""
+    url = f"{session.target.base_url}/v1/completions"
+    start = last = time.perf_counter()
+    num_token_chunks, usage, answered = 0, None, False
+    try:
+        async with client.stream("POST", url, json=request_body(session, spec, temperature)) as response:
+            answered = True
+            if response.status_code != 200:
+                raise _StreamFailed(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+            async for line in response.aiter_lines():
+                payload = line[len("data:"):].strip() if line.startswith("data:") else ""
+                if not payload or payload == "[DONE]":
+                    continue
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    raise _StreamFailed(f"error chunk: {chunk['error']}")
+                usage = chunk.get("usage") or usage
+                if any(_is_token_chunk(choice) for choice in chunk.get("choices") or []):
+                    now = time.perf_counter()
+                    if num_token_chunks == 0:
+                        result.ttft_s = now - start
+                    else:
+                        result.chunk_gaps_s.append(now - last)
+                    last, num_token_chunks = now, num_token_chunks + 1
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        retryable = not answered and isinstance(exc, (httpx.RemoteProtocolError, httpx.ConnectError))
+        raise _StreamFailed(f"{type(exc).__name__}: {exc}", retryable) from exc
+    if num_token_chunks == 0:
+        raise _StreamFailed("no token chunks in the stream")
+    result.e2e_s = time.perf_counter() - start
+    result.num_output_tokens = int(usage["completion_tokens"]) if usage else num_token_chunks
+    if usage and usage.get("prompt_tokens"):
+        result.num_prompt_tokens = int(usage["prompt_tokens"])
+    result.ok = True
+
+
+# ----------------------------------------------------------------------------- one level
+
+
+class Progress:
+    """A one-line in-place counter on stderr (only redrawn on a terminal)."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.label, self.total, self.done = label, total, 0
+        self.enabled, self.tty = enabled, sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self._draw()
+
+    def advance(self) -> None:
+        self.done += 1
+        self._draw()
+
+    def close(self) -> None:
+        if self.enabled:
+            elapsed = time.perf_counter() - self.start
+            sys.stderr.write(f"\r{self.label}: {self.done}/{self.total} in {elapsed:.1f}s\n")
+            sys.stderr.flush()
+
+    def _draw(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write(f"\r{self.label}: {self.done}/{self.total}")
+            sys.stderr.flush()
+
+
+async def run_level(client: httpx.AsyncClient, session: TargetSession, specs: list[PromptSpec],
+                    concurrency: int, temperature: float, show_progress: bool) -> dict[str, Any]:
+    semaphore = asyncio.Semaphore(concurrency)
+    progress = Progress(f"{session.target.name} c={concurrency}", len(specs), show_progress)
+
+    async def one(spec: PromptSpec) -> RequestResult:
+        async with semaphore:
+            result = await send_request(client, session, spec, temperature)
+        progress.advance()
+        return result
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(spec) for spec in specs))
+    duration_s = time.perf_counter() - start
+    progress.close()
+    return summarize(session, concurrency, results, duration_s)
+
+
+def _stats_ms(values_s: list[float]) -> dict[str, float | None]:
+    if not values_s:
+        return {"mean": None, "median": None, "p99": None}
+    ordered = sorted(v * 1000.0 for v in values_s)
+    rank = 0.99 * (len(ordered) - 1)  # linear interpolation, as numpy.percentile
+    low = int(rank)
+    p99 = ordered[low] + (ordered[min(low + 1, len(ordered) - 1)] - ordered[low]) * (rank - low)
+    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered), "p99": p99}
+
+
+def summarize(session: TargetSession, concurrency: int, results: list[RequestResult],
+              duration_s: float) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    num_output_tokens = sum(r.num_output_tokens for r in ok)
+    num_input_tokens = sum(r.num_prompt_tokens for r in ok)
+    return {
+        "target": session.target.name, "base_url": session.target.base_url, "model": session.model,
+        "ignore_eos": session.ignore_eos, "concurrency": concurrency, "num_prompts": len(results),
+        "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration_s,
+        "total_input_tokens": num_input_tokens, "total_output_tokens": num_output_tokens,
+        "request_throughput": len(ok) / duration_s,
+        "output_throughput": num_output_tokens / duration_s,
+        "total_token_throughput": (num_input_tokens + num_output_tokens) / duration_s,
+        "ttft_ms": _stats_ms([r.ttft_s for r in ok]),
+        "tpot_ms": _stats_ms([(r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1)
+                              for r in ok if r.num_output_tokens > 1]),
+        "itl_ms": _stats_ms([gap for r in ok for gap in r.chunk_gaps_s]),
+        "e2e_ms": _stats_ms([r.e2e_s for r in ok]),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+    }
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+async def open_session(client: httpx.AsyncClient, target: Target, model: str | None,
+                       ignore_eos: str) -> TargetSession:
+    """Find the served model name (unless given) and whether the server accepts ignore_eos."""
+    if model is None:
+        response = await client.get(f"{target.base_url}/v1/models")
+        response.raise_for_status()
+        model = str(response.json()["data"][0]["id"])
+    accepts = ignore_eos == "on"
+    if ignore_eos == "auto":
+        probe = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0, "ignore_eos": True}
+        accepts = (await client.post(f"{target.base_url}/v1/completions", json=probe)).status_code == 200
+    return TargetSession(target, model, accepts)
+
+
+async def warm_up(client: httpx.AsyncClient, session: TargetSession, spec: PromptSpec, temperature: float) -> None:
+    short = PromptSpec(spec.prompt, spec.num_prompt_tokens, max(2, min(spec.max_tokens, 16)))
+    result = await send_request(client, session, short, temperature)
+    if not result.ok:
+        raise SystemExit(f"warm-up request to {session.target.name} failed: {result.error}")
+
+
+async def run_benchmark(args: argparse.Namespace, workloads: dict[int, list[PromptSpec]]) -> list[dict[str, Any]]:
+    # Idle connections expire before the servers' own keep-alive timeouts (llama.cpp: 5 s), so a
+    # request never goes out on a socket the server is closing.
+    limits = httpx.Limits(max_connections=max(args.concurrency) + 4,
+                          max_keepalive_connections=max(args.concurrency) + 4, keepalive_expiry=2.0)
+    timeout = httpx.Timeout(args.request_timeout, connect=30.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+        sessions = [await open_session(client, t, args.model, args.ignore_eos) for t in args.target]
+        if not args.no_warmup:
+            first_spec = workloads[args.concurrency[0]][0]
+            for session in sessions:
+                await warm_up(client, session, first_spec, args.temperature)
+        results = []
+        for level_index, concurrency in enumerate(args.concurrency):
+            rotation = level_index % len(sessions)
+            for session in sessions[rotation:] + sessions[:rotation]:
+                results.append(await run_level(client, session, workloads[concurrency], concurrency,
+                                               args.temperature, not args.no_progress))
+    order = {t.name: i for i, t in enumerate(args.target)}
+    return sorted(results, key=lambda r: (r["concurrency"], order[r["target"]]))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """A markdown table, one row per (concurrency, target)."""
+    header = ["target", "conc", "ok/n", "req/s", "out tok/s", "total tok/s",
+              "TTFT mean", "TTFT p50", "TTFT p99", "TPOT mean", "TPOT p50", "TPOT p99",
+              "ITL mean", "ITL p50", "ITL p99", "E2E mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in results:
+        cells = [r["target"], str(r["concurrency"]), f"{r['completed']}/{r['num_prompts']}",
+                 _fmt(r["request_throughput"], 2), _fmt(r["output_throughput"]), _fmt(r["total_token_throughput"])]
+        for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
+            cells += [_fmt(r[metric]["mean"]), _fmt(r[metric]["median"]), _fmt(r[metric]["p99"])]
+        cells.append(_fmt(r["e2e_ms"]["mean"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n(latencies in ms; TPOT = (e2e - TTFT) / (output tokens - 1) per request)\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", action="append", type=parse_target, default=[], metavar="NAME=BASE_URL",
+                   help="a server to benchmark (repeatable); BASE_URL like http://127.0.0.1:8000")
+    p.add_argument("--base-url", help="shorthand for a single --target NAME=BASE_URL named 'server'")
+    p.add_argument("--model", help="model name sent in requests (default: the first of each target's /v1/models)")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json (or the file): builds random prompts, counts tokens")
+    p.add_argument("--dataset", help="JSONL of {\"prompt\", \"max_tokens\"} instead of random prompts")
+    p.add_argument("--input-len", type=int, default=128, help="random prompts: tokens per prompt")
+    p.add_argument("--output-len", type=int, default=128, help="max_tokens per request (dataset default too)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--num-prompts", type=int, help="requests per level (default: max(8, 2 x concurrency))")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--ignore-eos", choices=["auto", "on", "off"], default="auto",
+                   help="send ignore_eos: auto = when the server accepts it (probed once)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--result-json", help="write the config and per-level results here")
+    p.add_argument("--result-md", help="write the markdown table here")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="no benchmark: merge earlier --result-json files into one table (and JSON)")
+    args = p.parse_args(argv)
+    if args.combine:
+        return args
+    if args.base_url:
+        args.target.append(parse_target(f"server={args.base_url}"))
+    if not args.target:
+        p.error("give at least one --target NAME=BASE_URL (or --base-url)")
+    if len({t.name for t in args.target}) != len(args.target):
+        p.error("target names must be unique")
+    if not args.dataset and not args.tokenizer:
+        p.error("random prompts need --tokenizer DIR (or give --dataset FILE)")
+    return args
+
+
+def build_workloads(args: argparse.Namespace) -> dict[int, list[PromptSpec]]:
+    """The prompts of each concurrency level (the same for every target)."""
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    workloads = {}
+    for concurrency in args.concurrency:
+        num_prompts = args.num_prompts or max(8, 2 * concurrency)
+        if args.dataset:
+            workloads[concurrency] = dataset_workload(args.dataset, num_prompts, tokenizer, args.output_len)
+        else:
+            workloads[concurrency] = random_workload(tokenizer, num_prompts, args.input_len, args.output_len,
+                                                     args.seed + concurrency)
+    return workloads
+
+
+def combine(paths: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Merge result files (e.g. one per server, run one after another) into one result set."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    results = [r for run in runs for r in run["results"]]
+    results.sort(key=lambda r: r["concurrency"])  # stable: keeps the file order within a level
+    return {"combined_from": paths, "configs": [run["config"] for run in runs]}, results
+
+
+def write_outputs(args: argparse.Namespace, config: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    table = format_table(results)
+    print(table)
+    if args.result_json:
+        Path(args.result_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result_json).write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
+    if args.result_md:
+        Path(args.result_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result_md).write_text(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.combine:
+        write_outputs(args, *combine(args.combine))
+        return 0
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    workloads = build_workloads(args)
+    results = asyncio.run(run_benchmark(args, workloads))
+    config = {k: v for k, v in vars(args).items() if k not in ("target", "base_url", "combine")}
+    config["targets"] = [asdict(t) for t in args.target]
+    config["started_at"] = started_at
+    write_outputs(args, config, results)
+    return 1 if any(r["failed"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

