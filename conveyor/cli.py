@@ -31,7 +31,7 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--served-model-name", nargs="+", default=None)
     group.add_argument("--chat-template", default=None, help="a Jinja2 template file or the template itself")
     group.add_argument("--uvicorn-log-level", default="warning")
-    group.add_argument("--max-log-len", type=int, default=None)
+    group.add_argument("--max-log-len", type=int, default=None, help="accepted for vLLM compatibility")
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -86,8 +86,7 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
         engine_address=engine_address,
     )
     frontend = FrontendConfig(host=args.host, port=args.port, api_key=args.api_key,
-                              api_server_count=args.api_server_count, uvicorn_log_level=args.uvicorn_log_level,
-                              max_log_len=args.max_log_len)
+                              api_server_count=args.api_server_count, uvicorn_log_level=args.uvicorn_log_level)
     return engine, frontend
 
 

@@ -58,7 +58,6 @@ class FrontendConfig:
     api_key: str | None = None
     api_server_count: int = 1
     uvicorn_log_level: str = "warning"
-    max_log_len: int | None = None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import zmq
 from engine_core.config import EngineConfig
 from engine_core.executor import EngineDeadError, Executor
 from engine_core.process_utils import configure_logging, become_child_process
-from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutput, EngineCoreOutputs,
+from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutputs,
                                   EngineCoreRequest, FrontendMessage, SchedulerStats, frontend_message_decoder)
 from engine_core.scheduler import Scheduler
 
@@ -203,6 +203,3 @@ def run_engine_core(config: EngineConfig, ready_event=None) -> None:  # noqa: AN
     finally:
         core.shutdown()
 
-
-def error_output(request_id: str, message: str) -> EngineCoreOutput:
-    return EngineCoreOutput(request_id=request_id, new_token_ids=[], finish_reason="error", stop_reason=message)

@@ -128,6 +128,7 @@ class NewRequestData(msgspec.Struct, **_WIRE):
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int  # tokens whose KV is already in the cache (prefix-cache hits)
+    eos_token_id: Union[int, None] = None  # masked until min_tokens are out
 
 
 class CachedRequestData(msgspec.Struct, **_WIRE):

@@ -230,7 +230,8 @@ class Scheduler:
             if request.num_tokens_known_to_worker == 0:
                 new_requests.append(NewRequestData(
                     request.request_id, request.take_unsent_token_ids(), request.num_prompt_tokens,
-                    request.sampling_params, list(request.block_ids), request.num_computed_tokens))
+                    request.sampling_params, list(request.block_ids), request.num_computed_tokens,
+                    request.eos_token_id))
             else:
                 cached_requests.append(CachedRequestData(
                     request.request_id, request.take_unsent_token_ids(), plan.new_block_ids[request.request_id],

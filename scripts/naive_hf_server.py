@@ -142,7 +142,7 @@ def parse_request(engine: NaiveEngine, body: dict[str, Any]) -> CompletionParams
     return CompletionParams(
         prompt_ids=engine.encode_prompt(body.get("prompt", "")),
         max_tokens=16 if max_tokens is None else int(max_tokens),
-        temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
+        temperature=1.0 if body.get("temperature") is None else float(body["temperature"]),
         top_p=float(body.get("top_p") or 1.0),
         seed=body.get("seed"),
         ignore_eos=bool(body.get("ignore_eos", False)),

@@ -68,8 +68,6 @@ class ModelRunner:
         self.hf_config = load_hf_config(model_config.model)
         self.model = build_model(self.hf_config, model_config.model, self.dtype, device, tp_rank, tp_size)
         self.sampler = Sampler()
-        # min_tokens bans this id (NewRequestData carries no per-request EOS; the model's first one is used)
-        self.eos_token_id = _first_eos_token_id(model_config, self.hf_config)
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, _RequestState] = {}
 
@@ -159,7 +157,7 @@ class ModelRunner:
 
     def _new_state(self, new: NewRequestData) -> _RequestState:
         sampling = make_sampling_state(new.sampling_params, list(new.token_ids[:new.num_prompt_tokens]),
-                                       list(new.token_ids[new.num_prompt_tokens:]), self.eos_token_id, self.device)
+                                       list(new.token_ids[new.num_prompt_tokens:]), new.eos_token_id, self.device)
         return _RequestState(token_ids=list(new.token_ids), block_ids=list(new.block_ids),
                              num_computed_tokens=new.num_computed_tokens, sampling=sampling)
 
@@ -192,15 +190,6 @@ class ModelRunner:
             state.output_token_ids.append(token_id)
             sampled[i] = [token_id]
             logprobs[i] = token_logprobs
-
-
-def _first_eos_token_id(model_config: ModelConfig, hf_config: object) -> int | None:
-    if model_config.eos_token_ids:
-        return model_config.eos_token_ids[0]
-    eos = getattr(hf_config, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        return int(eos[0]) if eos else None
-    return eos if isinstance(eos, int) else None
 
 
 def _available_ram_bytes() -> int:

@@ -11,7 +11,7 @@ import httpx
 from tests.server_harness import ConveyorServer
 
 MODEL = "tiny-llama"
-LONG_PROMPT = " ".join(f"word{i}" for i in range(120))  # several full 16-token blocks
+LONG_PROMPT = " ".join(f"word{i}" for i in range(120))  # ~370 tokens: many full 16-token blocks
 
 
 def _wait_for(condition, timeout_s: float = 15.0) -> bool:  # noqa: ANN001
