@@ -13,6 +13,8 @@ import signal
 import socket
 import threading
 import time
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 
 from engine_core.process_utils import configure_logging, new_ipc_address
 
@@ -33,7 +35,7 @@ def serve(args: argparse.Namespace) -> int:
     ready = spawn.Event()
     core = spawn.Process(target=run_engine_core, args=(engine_config, ready), name="conveyor-core")
     core.start()
-    frontends: list[multiprocessing.process.BaseProcess] = []
+    frontends: list[BaseProcess] = []
     try:
         if not _wait_for_core(core, ready, stop):
             return 1
@@ -51,7 +53,7 @@ def serve(args: argparse.Namespace) -> int:
         _stop_all([*frontends, core])
 
 
-def _wait_for_core(core: multiprocessing.process.BaseProcess, ready, stop: threading.Event) -> bool:  # noqa: ANN001
+def _wait_for_core(core: BaseProcess, ready: Event, stop: threading.Event) -> bool:
     while not ready.wait(timeout=0.2):
         if stop.is_set():
             return False
@@ -61,7 +63,7 @@ def _wait_for_core(core: multiprocessing.process.BaseProcess, ready, stop: threa
     return True
 
 
-def _wait_for_port(host: str, port: int, frontends: list, stop: threading.Event) -> bool:
+def _wait_for_port(host: str, port: int, frontends: list[BaseProcess], stop: threading.Event) -> bool:
     while not stop.is_set():
         if not any(p.is_alive() for p in frontends):
             logger.error("the frontend process(es) exited during start-up")
@@ -74,7 +76,7 @@ def _wait_for_port(host: str, port: int, frontends: list, stop: threading.Event)
     return False
 
 
-def _supervise(core, frontends: list, stop: threading.Event) -> int:  # noqa: ANN001
+def _supervise(core: BaseProcess, frontends: list[BaseProcess], stop: threading.Event) -> int:
     """Wait for a stop signal; report a dead core once; exit when every frontend is gone."""
     reported_core_death = False
     while not stop.wait(timeout=0.5):
@@ -88,7 +90,7 @@ def _supervise(core, frontends: list, stop: threading.Event) -> int:  # noqa: AN
     return 0
 
 
-def _stop_all(processes: list) -> None:
+def _stop_all(processes: list[BaseProcess]) -> None:
     for process in processes:
         if process.is_alive():
             process.terminate()

@@ -11,7 +11,9 @@ import importlib.util
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine_core.config import ModelConfig
 
@@ -25,6 +27,14 @@ _GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
 
 class ModelNotFoundError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class _CheckpointFacts:
+    architecture: str
+    max_position_embeddings: int
+    dtype: str
+    eos_token_ids: tuple[int, ...]
 
 
 def default_model_path() -> str:
@@ -51,18 +61,18 @@ def resolve_model_config(model: str | None, served_model_name: str | None = None
         facts = _folder_facts(path)
         tokenizer_dir = tokenizer or path
         default_name = model or path
-    limit = facts["max_position_embeddings"]
+    limit = facts.max_position_embeddings
     if max_model_len is not None and max_model_len > limit:
         logger.warning("--max-model-len %d exceeds the model's %d positions", max_model_len, limit)
     return ModelConfig(
         model=path,
         served_model_name=served_model_name or default_name,
         tokenizer_dir=tokenizer_dir,
-        architecture=facts["architecture"],
-        dtype=_resolve_dtype(dtype, facts["dtype"], device),
+        architecture=facts.architecture,
+        dtype=_resolve_dtype(dtype, facts.dtype, device),
         max_model_len=max_model_len or limit,
         seed=seed,
-        eos_token_ids=tuple(facts["eos_token_ids"]) or _tokenizer_eos_ids(tokenizer_dir),
+        eos_token_ids=facts.eos_token_ids or _tokenizer_eos_ids(tokenizer_dir),
         generation_config=generation_config,
         chat_template=chat_template,
     )
@@ -77,32 +87,32 @@ def _resolve_dtype(requested: str, checkpoint_dtype: str, device: str) -> str:
     return checkpoint_dtype
 
 
-def _folder_facts(folder: str) -> dict:
+def _folder_facts(folder: str) -> _CheckpointFacts:
     config_path = Path(folder) / "config.json"
     if not config_path.exists():
         raise ModelNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
     config = json.loads(config_path.read_text())
     text_config = config.get("text_config", config)
-    eos: object = None
+    eos: Any = None
     generation_path = Path(folder) / "generation_config.json"
     if generation_path.exists():
         eos = json.loads(generation_path.read_text()).get("eos_token_id")
     if eos is None:
         eos = text_config.get("eos_token_id")
-    return {
-        "architecture": (config.get("architectures") or ["LlamaForCausalLM"])[0],
-        "max_position_embeddings": int(text_config.get("max_position_embeddings", 2048)),
-        "dtype": str(config.get("dtype") or config.get("torch_dtype") or "float32"),
-        "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
-    }
+    return _CheckpointFacts(
+        architecture=(config.get("architectures") or ["LlamaForCausalLM"])[0],
+        max_position_embeddings=int(text_config.get("max_position_embeddings", 2048)),
+        dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
+        eos_token_ids=(eos,) if isinstance(eos, int) else tuple(eos or ()),
+    )
 
 
-def _gguf_facts(path: str) -> dict:
+def _gguf_facts(path: str) -> _CheckpointFacts:
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
 
-    def field(name: str):
+    def field(name: str) -> Any:
         value = reader.fields.get(name)
         return None if value is None else value.contents()
 
@@ -111,12 +121,12 @@ def _gguf_facts(path: str) -> dict:
         raise ModelNotFoundError(f"GGUF architecture {arch!r} is not supported (supported: "
                                  f"{', '.join(sorted(_GGUF_ARCHITECTURES))})")
     eos = field("tokenizer.ggml.eos_token_id")
-    return {
-        "architecture": _GGUF_ARCHITECTURES[arch],
-        "max_position_embeddings": int(field(f"{arch}.context_length") or 2048),
-        "dtype": "float32",  # dequantized at load time
-        "eos_token_ids": [] if eos is None else [int(eos)],
-    }
+    return _CheckpointFacts(
+        architecture=_GGUF_ARCHITECTURES[arch],
+        max_position_embeddings=int(field(f"{arch}.context_length") or 2048),
+        dtype="float32",  # dequantized at load time
+        eos_token_ids=() if eos is None else (int(eos),),
+    )
 
 
 def _gguf_tokenizer_dir(path: str) -> str:

@@ -16,7 +16,7 @@ import queue
 import signal
 import threading
 import time
-from typing import Iterable
+from typing import Iterable, Protocol
 
 import msgspec
 import zmq
@@ -30,6 +30,10 @@ from engine_core.scheduler import Scheduler
 
 logger = logging.getLogger("conveyor.core")
 
+class EventLike(Protocol):
+    def set(self) -> None: ...
+
+
 HEARTBEAT_INTERVAL_S = 1.0
 _BROADCAST = -1  # pseudo client index: send to every registered frontend
 
@@ -42,7 +46,7 @@ def client_identity(client_index: int) -> bytes:
 class FrontendIO:
     """Background thread that owns the frontend-facing ROUTER socket."""
 
-    def __init__(self, context: zmq.Context, address: str) -> None:
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], address: str) -> None:
         self.inputs: queue.Queue[FrontendMessage] = queue.Queue()
         self.latest_stats = SchedulerStats()
         self._context = context
@@ -181,7 +185,7 @@ class EngineCore:
         self._context.destroy(linger=500)
 
 
-def run_engine_core(config: EngineConfig, ready_event=None) -> None:  # noqa: ANN001 - multiprocessing Event
+def run_engine_core(config: EngineConfig, ready_event: EventLike | None = None) -> None:
     """Process entry point: build the engine, signal readiness, loop until SIGTERM/SIGINT or death."""
     become_child_process("conveyor-core")
     configure_logging("core")

@@ -38,7 +38,7 @@ class Executor:
         self._results = self._context.socket(zmq.PULL)
         results_address = new_ipc_address("results")
         self._results.bind(results_address)
-        self._step_sockets: list[zmq.Socket] = []
+        self._step_sockets: list[zmq.Socket[bytes]] = []
         self._processes: list[multiprocessing.process.BaseProcess] = []
         init_method = f"tcp://127.0.0.1:{config.parallel.distributed_init_port or free_tcp_port()}"
         spawn = multiprocessing.get_context("spawn")

@@ -9,6 +9,7 @@ import logging
 import signal
 import traceback
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -17,6 +18,11 @@ from engine_core.config import CacheConfig, ModelConfig, ParallelConfig
 from engine_core.process_utils import configure_logging, become_child_process
 from engine_core.protocol import (InitializeCache, ModelRunnerOutput, SchedulerOutput, Shutdown, WorkerFailure,
                                   WorkerReady, core_to_worker_decoder)
+
+if TYPE_CHECKING:  # torch loads only inside the worker process, after spawn
+    import torch
+
+    from workers.model_runner import ModelRunner
 
 logger = logging.getLogger("conveyor.worker")
 
@@ -56,7 +62,7 @@ def run_worker(model_config: ModelConfig, cache_config: CacheConfig, parallel_co
 
 
 def _start_runner(model_config: ModelConfig, cache_config: CacheConfig, parallel_config: ParallelConfig,
-                  rank: int, addresses: WorkerAddresses):  # -> ModelRunner (torch imported lazily)
+                  rank: int, addresses: WorkerAddresses) -> ModelRunner:
     import torch
 
     from workers.model_runner import ModelRunner
@@ -75,7 +81,7 @@ def _start_runner(model_config: ModelConfig, cache_config: CacheConfig, parallel
                        tp_size=parallel_config.tensor_parallel_size)
 
 
-def _choose_device(requested: str, rank: int):
+def _choose_device(requested: str, rank: int) -> torch.device:
     import torch
 
     if requested == "auto":
@@ -86,7 +92,8 @@ def _choose_device(requested: str, rank: int):
     return torch.device(requested)
 
 
-def _serve(runner, steps: zmq.Socket, results: zmq.Socket, encoder: msgspec.msgpack.Encoder, rank: int) -> None:
+def _serve(runner: ModelRunner, steps: zmq.Socket[bytes], results: zmq.Socket[bytes],
+           encoder: msgspec.msgpack.Encoder, rank: int) -> None:
     """Run steps until Shutdown. A failing step is answered with an error so only its requests fail."""
     while True:
         message = core_to_worker_decoder.decode(steps.recv())

@@ -121,3 +121,28 @@ def test_client_disconnect_aborts_and_frees_blocks(llama_server: ConveyorServer)
     # the connection is closed here, long before 140 tokens
     assert _wait_for(lambda: llama_server.metric("conveyor:num_requests_running") == 0
                      and llama_server.metric("conveyor:kv_cache_usage_perc") == 0.0)
+
+
+def test_priority_policy_serves_the_most_urgent_waiting_request_first(tiny_models: Path) -> None:
+    server = ConveyorServer(str(tiny_models / "llama"), "--scheduling-policy", "priority", "--max-num-seqs", "1",
+                            "--served-model-name", MODEL, "--kv-cache-memory", "32MiB")
+    try:
+        finished: list[str] = []
+
+        async def run() -> None:
+            client = server.async_openai_client()
+
+            async def send(name: str, priority: int, delay_s: float, max_tokens: int = 20) -> None:
+                await asyncio.sleep(delay_s)
+                await client.completions.create(model=MODEL, prompt=name, max_tokens=max_tokens, temperature=0,
+                                                extra_body={"ignore_eos": True, "priority": priority})
+                finished.append(name)
+
+            # "first" occupies the only slot; "later" (priority 10) queues before "urgent" (priority -5)
+            await asyncio.gather(send("first", 0, 0.0, max_tokens=1500), send("later", 10, 0.5),
+                                 send("urgent", -5, 1.0))
+
+        asyncio.run(run())
+        assert finished == ["first", "urgent", "later"]
+    finally:
+        assert server.stop() == []
