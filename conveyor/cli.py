@@ -50,7 +50,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--block-size", type=int, default=16)
     group.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory", default=None,
-                       help="KV cache size on CPU, e.g. 2GiB (default: a fraction of free RAM)")
+                       help="KV cache size on CPU, e.g. 2GiB (default: 4GiB, or 40%% of free RAM if less)")
     group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     group.add_argument("--num-gpu-blocks-override", type=int, default=None)
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)

@@ -28,7 +28,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # CPU: None = a default fraction of free RAM
+    kv_cache_memory_bytes: int | None = None  # CPU: None = 4 GiB, or 40% of free RAM if less
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + activations + KV
     enable_prefix_caching: bool = True
     num_blocks_override: int | None = None  # --num-gpu-blocks-override: fixed block count (tests)

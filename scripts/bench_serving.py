@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -244,11 +245,14 @@ async def run_level(client: httpx.AsyncClient, session: TargetSession, specs: li
         progress.advance()
         return result
 
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     results = await asyncio.gather(*(one(spec) for spec in specs))
     duration_s = time.perf_counter() - start
     progress.close()
-    return summarize(session, concurrency, results, duration_s)
+    # The machine's 1-minute load average around the level: a noisy neighbour shows up here.
+    return {**summarize(session, concurrency, results, duration_s),
+            "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def _stats_ms(values_s: list[float]) -> dict[str, float | None]:
@@ -373,6 +377,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--result-json", help="write the config and per-level results here")
     p.add_argument("--result-md", help="write the markdown table here")
+    p.add_argument("--note", default="", help="free text stored in the result JSON (e.g. server settings)")
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="no benchmark: merge earlier --result-json files into one table (and JSON)")
     args = p.parse_args(argv)

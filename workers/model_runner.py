@@ -32,6 +32,7 @@ logger = logging.getLogger("conveyor.model_runner")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CPU default KV budget: this fraction of available RAM, but no more than this many max-length sequences need.
 _CPU_DEFAULT_RAM_FRACTION = 0.4
+_CPU_DEFAULT_MAX_BYTES = 4 * 2**30  # like vLLM's CPU default KV space: leaves room for other processes
 _CPU_DEFAULT_MAX_SEQS = 256
 # CUDA profiling: the largest prefill and the most sampling rows a step is assumed to hold.
 _PROFILE_MAX_TOKENS = 8192
@@ -84,7 +85,7 @@ class ModelRunner:
             budget = self.cache_config.kv_cache_memory_bytes
         else:
             max_useful = _CPU_DEFAULT_MAX_SEQS * self.model_config.max_model_len // self.block_size * bytes_per_block
-            budget = min(int(_available_ram_bytes() * _CPU_DEFAULT_RAM_FRACTION), max_useful)
+            budget = min(int(_available_ram_bytes() * _CPU_DEFAULT_RAM_FRACTION), _CPU_DEFAULT_MAX_BYTES, max_useful)
         num_blocks = budget // bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"no room for the KV cache: budget {budget} bytes, one block takes {bytes_per_block}")
