@@ -49,7 +49,7 @@ def export(gguf: pathlib.Path, out: pathlib.Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     generation_config = _generation_config(model, tokenizer)
-    GenerationConfig(**generation_config).save_pretrained(out)
+    GenerationConfig(**generation_config).save_pretrained(out)  # type: ignore[no-untyped-call]
     _drop_gguf_traces(out)
 
 

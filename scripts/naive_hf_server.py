@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -61,7 +61,8 @@ class NaiveEngine:
             torch.set_num_threads(num_threads)
         self.model_name = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model: Any = cast(Any, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+        self.model.eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids: list[int] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -100,7 +101,7 @@ class NaiveEngine:
                 pass
 
         do_sample = params.temperature > 0
-        config = GenerationConfig(
+        config = GenerationConfig(  # type: ignore[no-untyped-call]
             max_new_tokens=params.max_tokens,
             do_sample=do_sample,
             temperature=params.temperature if do_sample else None,

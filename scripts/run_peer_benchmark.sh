@@ -126,7 +126,8 @@ wait_ready() {  # until GET /v1/models answers 200, the process dies, or READY_T
 bench() {  # bench OUT_NAME TARGET...
     local out=$1; shift
     local args=(--tokenizer "$MODEL_DIR" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN"
-                --concurrency $CONCURRENCY --result-json "$OUT_DIR/$out.json" --result-md "$OUT_DIR/$out.md")
+                --concurrency $CONCURRENCY --result-json "$OUT_DIR/$out.json" --result-md "$OUT_DIR/$out.md"
+                --note "MODE=$MODE OMP_NUM_THREADS=$THREADS VLLM_CPU_OMP_THREADS_BIND=$VLLM_BIND nproc=$(nproc)")
     [[ -n $NUM_PROMPTS ]] && args+=(--num-prompts "$NUM_PROMPTS")
     for name in "$@"; do args+=(--target "$name=http://127.0.0.1:${PORT[$name]}"); done
     "$PY" "$REPO_DIR/scripts/bench_serving.py" "${args[@]}" || log "bench_serving reported failed requests ($out)"
