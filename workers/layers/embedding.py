@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from workers.layers import cpu_gemm
+
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int = 0, tp_size: int = 1) -> None:
@@ -40,8 +42,15 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Hidden states -> logits over the full vocabulary (float32)."""
 
+    packed_weight: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        """After loading: a oneDNN-layout copy for the logits matmul (the embedding may share `weight`)."""
+        if cpu_gemm.can_prepack(self.weight):
+            self.packed_weight = cpu_gemm.prepack(self.weight)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [n, rows_per_rank]
+        logits = cpu_gemm.linear(hidden, self.weight, self.packed_weight)  # [n, rows_per_rank]
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits)

@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from workers.layers import cpu_gemm
+
 
 def divide(numerator: int, denominator: int) -> int:
     assert numerator % denominator == 0, f"{numerator} is not divisible by {denominator}"
@@ -29,6 +31,13 @@ class _ParallelLinear(nn.Module):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.packed_weight: torch.Tensor | None = None  # set by prepack(); then `weight` is no longer read
+
+    def prepack(self) -> None:
+        """After loading: keep the weight only in oneDNN's layout when that is faster (CPU)."""
+        if cpu_gemm.can_prepack(self.weight):
+            self.packed_weight = cpu_gemm.prepack(self.weight)
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 
     def load_weight(self, param_name: str, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         raise NotImplementedError
@@ -41,7 +50,7 @@ class ColumnParallelLinear(_ParallelLinear):
         super().__init__(input_size, divide(output_size, tp_size), bias, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # [num_tokens, out_per_rank]
+        return cpu_gemm.linear(x, self.weight, self.packed_weight, self.bias)  # [num_tokens, out_per_rank]
 
     def load_weight(self, param_name: str, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         param = getattr(self, param_name)
@@ -117,7 +126,7 @@ class RowParallelLinear(_ParallelLinear):
         super().__init__(divide(input_size, tp_size), output_size, bias, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)  # [num_tokens, output_size], partial sum when tp_size > 1
+        out = cpu_gemm.linear(x, self.weight, self.packed_weight)  # [num_tokens, output_size]; partial when tp > 1
         if self.tp_size > 1:
             dist.all_reduce(out)
         return out if self.bias is None else out + self.bias

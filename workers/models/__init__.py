@@ -80,4 +80,7 @@ def build_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: tor
     with torch.device(device), _default_dtype(dtype):
         model = model_class(hf_config, tp_rank=tp_rank, tp_size=tp_size)
     model.load_weights(iterate_weights(model_path))
+    for module in model.modules():
+        if hasattr(module, "prepack"):
+            module.prepack()
     return model.eval()

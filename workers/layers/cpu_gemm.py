@@ -1,0 +1,35 @@
+"""Matmuls against weights prepacked once into oneDNN's blocked layout (CPU only).
+
+Decode steps multiply a few rows by every weight matrix; MKL's `F.linear` is far from memory-bound there.
+A weight reordered once at load time for oneDNN runs 2-5x faster for small batches and ~20% faster for
+prefill-sized ones (measured on this project's 2-core AVX-512 machine, float32). Elsewhere (CUDA, no oneDNN,
+half precision) layers keep plain `F.linear`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def can_prepack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype in _PACKABLE_DTYPES and weight.dim() == 2
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def prepack(weight: torch.Tensor) -> torch.Tensor:
+    """The same [out, in] matrix in oneDNN's layout: only `packed_linear` may read it afterwards."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+
+
+def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")  # [n, out]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed_weight: torch.Tensor | None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b through the packed weight when there is one."""
+    if packed_weight is not None:
+        return packed_linear(x, packed_weight, bias)
+    return F.linear(x, weight, bias)
