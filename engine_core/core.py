@@ -35,6 +35,7 @@ class EventLike(Protocol):
 
 
 HEARTBEAT_INTERVAL_S = 1.0
+STATS_LOG_INTERVAL_S = 10.0
 _BROADCAST = -1  # pseudo client index: send to every registered frontend
 
 
@@ -121,6 +122,30 @@ class FrontendIO:
                 self._router.send_multipart([identity, payload])
 
 
+class StatsLogger:
+    """One concise log line every STATS_LOG_INTERVAL_S while the engine is busy."""
+
+    def __init__(self) -> None:
+        self._last_time = time.monotonic()
+        self._last = SchedulerStats()
+        self._generated_tokens = 0
+
+    def record(self, stats: SchedulerStats, num_generated_tokens: int) -> None:
+        self._generated_tokens += num_generated_tokens
+        elapsed = time.monotonic() - self._last_time
+        if elapsed < STATS_LOG_INTERVAL_S:
+            return
+        if stats.num_steps != self._last.num_steps:
+            queries = stats.prefix_cache_queries - self._last.prefix_cache_queries
+            hits = stats.prefix_cache_hits - self._last.prefix_cache_hits
+            logger.info("running %d, waiting %d reqs | generation %.1f tok/s | %.1f steps/s | KV cache %.1f%% | "
+                        "prefix cache hit rate %.1f%% | preemptions %d", stats.num_running_reqs,
+                        stats.num_waiting_reqs, self._generated_tokens / elapsed,
+                        (stats.num_steps - self._last.num_steps) / elapsed, 100 * stats.kv_cache_usage,
+                        100 * hits / queries if queries else 0.0, stats.num_preemptions)
+        self._last_time, self._last, self._generated_tokens = time.monotonic(), stats, 0
+
+
 class EngineCore:
     """Scheduler + executor + the loop that drives them."""
 
@@ -130,6 +155,7 @@ class EngineCore:
         self._scheduler = Scheduler(config.scheduler, config.cache, self._executor.num_blocks)
         self._context = zmq.Context()
         self._io = FrontendIO(self._context, config.engine_address)
+        self._stats_logger = StatsLogger()
         self._running = True
 
     def stop(self) -> None:
@@ -140,9 +166,10 @@ class EngineCore:
         while self._running:
             idle = not self._scheduler.has_work_for_workers()
             self._process_inputs(self._take_inputs(block=idle))
-            if self._scheduler.has_work_for_workers():
-                self._step()
-            self._io.latest_stats = self._scheduler.make_stats()
+            num_generated_tokens = self._step() if self._scheduler.has_work_for_workers() else 0
+            stats = self._scheduler.make_stats()
+            self._io.latest_stats = stats
+            self._stats_logger.record(stats, num_generated_tokens)
 
     def _take_inputs(self, block: bool) -> list[FrontendMessage]:
         messages: list[FrontendMessage] = []
@@ -167,13 +194,15 @@ class EngineCore:
             elif isinstance(message, AbortRequest):
                 self._scheduler.abort_requests(message.request_ids)
 
-    def _step(self) -> None:
+    def _step(self) -> int:
+        """Schedule, execute and publish one step; returns how many tokens it generated."""
         scheduler_output = self._scheduler.schedule()
         runner_output = self._executor.execute(scheduler_output)
         outputs_by_client = self._scheduler.update_from_output(scheduler_output, runner_output)
         stats = self._scheduler.make_stats()
         for client_index, outputs in outputs_by_client.items():
             self._io.send(client_index, EngineCoreOutputs(outputs=outputs, scheduler_stats=stats))
+        return sum(len(output.new_token_ids) for outputs in outputs_by_client.values() for output in outputs)
 
     def publish_dead(self, reason: str) -> None:
         logger.error("engine dead: %s", reason)
