@@ -145,8 +145,8 @@ class Attention(nn.Module):
         if span.context_block_ids is None:
             k_ctx, v_ctx = k[span.token_start:span.token_end], v[span.token_start:span.token_end]  # [q, kvh, hd]
         else:
-            blocks = kv_cache.index_select(1, span.context_block_ids)  # [2, num_context_blocks, bs, kvh, hd]
-            k_ctx, v_ctx = blocks.flatten(1, 2)[:, : span.seq_len]  # [seq_len, kvh, hd] each
+            k_ctx, v_ctx = (_gather_blocks(kv_cache[i], span.context_block_ids)[: span.seq_len]
+                            for i in (0, 1))  # [seq_len, kvh, hd] each
         out = _sdpa(q_span, k_ctx.transpose(0, 1).unsqueeze(0), v_ctx.transpose(0, 1).unsqueeze(0),
                     span.mask, self.scale)  # [1, H, q, hd]
         return out[0].transpose(0, 1)  # [q, H, hd]
@@ -155,12 +155,21 @@ class Attention(nn.Module):
         block_tables, mask = metadata.decode_block_tables, metadata.decode_mask
         assert block_tables is not None and mask is not None
         num_decodes = block_tables.shape[0]
-        blocks = kv_cache.index_select(1, block_tables.flatten())  # [2, D * max_blocks, bs, kvh, hd]
-        k_ctx, v_ctx = blocks.view(2, num_decodes, -1, self.num_kv_heads, self.head_dim)  # [D, max_len, kvh, hd]
+        block_ids = block_tables.flatten()  # [D * max_blocks]
+        k_ctx, v_ctx = (_gather_blocks(kv_cache[i], block_ids).view(num_decodes, -1, self.num_kv_heads, self.head_dim)
+                        for i in (0, 1))  # [D, max_len, kvh, hd] each
         out = _sdpa(q.unsqueeze(2),  # [D, H, 1, hd]
                     k_ctx.transpose(1, 2), v_ctx.transpose(1, 2),  # [D, kvh, max_len, hd]
                     mask, self.scale)  # [D, H, 1, hd]
         return out.squeeze(2)  # [D, H, hd]
+
+
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, bs, kvh, hd] -> the listed blocks' tokens, [len(block_ids) * bs, kvh, hd].
+
+    One gather along the leading dimension per K and V copies whole contiguous blocks: about twice as fast on
+    CPU as one gather along dimension 1 of the stacked [2, num_blocks, ...] cache."""
+    return cache.index_select(0, block_ids).flatten(0, 1)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
