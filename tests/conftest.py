@@ -15,16 +15,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+TINY_MODELS_DIR = REPO_ROOT / ".models"  # git-ignored; the checkpoints are deterministic, so reuse is safe
+TINY_MODEL_NAMES = ("llama", "qwen2")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the tiny checkpoints before collection: some test modules name their paths at import time."""
+    if not all((TINY_MODELS_DIR / name / "model.safetensors").exists() for name in TINY_MODEL_NAMES):
+        subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_tiny_models.py"),
+                        "--out", str(TINY_MODELS_DIR)], check=True, cwd=REPO_ROOT)
+
+
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`scripts/make_tiny_models.py` output; CONVEYOR_TINY_MODELS reuses an existing folder (local runs)."""
-    existing = os.environ.get("CONVEYOR_TINY_MODELS")
-    if existing and (Path(existing) / "llama" / "config.json").exists():
-        return Path(existing)
-    out = tmp_path_factory.mktemp("tiny-models")
-    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_tiny_models.py"), "--out", str(out)],
-                   check=True, cwd=REPO_ROOT)
-    return out
+def tiny_models() -> Path:
+    """The folder `scripts/make_tiny_models.py` wrote (llama/, qwen2/)."""
+    return TINY_MODELS_DIR
 
 
 @pytest.fixture(scope="session")

@@ -102,11 +102,15 @@ class ConveyorServer:
                 return value
         raise KeyError(prefix)
 
-    def stop(self, timeout_s: float = 30.0) -> list[int]:
-        """SIGTERM the launcher; return the pids still alive in its session afterwards (should be none)."""
+    def stop(self, timeout_s: float = 30.0, ctrl_c: bool = False) -> list[int]:
+        """SIGTERM the launcher (or, with `ctrl_c`, SIGINT its whole process group as a terminal's Ctrl-C does);
+        return the pids still alive in its session afterwards (should be none)."""
         session = self.process.pid
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            if ctrl_c:
+                os.killpg(session, signal.SIGINT)
+            else:
+                self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:

