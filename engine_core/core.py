@@ -24,7 +24,7 @@ import zmq
 from engine_core.config import EngineConfig
 from engine_core.executor import EngineDeadError, Executor
 from engine_core.process_utils import configure_logging, become_child_process
-from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutputs,
+from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutput, EngineCoreOutputs,
                                   EngineCoreRequest, FrontendMessage, SchedulerStats, frontend_message_decoder)
 from engine_core.scheduler import Scheduler
 
@@ -166,10 +166,13 @@ class EngineCore:
         while self._running:
             idle = not self._scheduler.has_work_for_workers()
             self._process_inputs(self._take_inputs(block=idle))
-            num_generated_tokens = self._step() if self._scheduler.has_work_for_workers() else 0
+            outputs_by_client = self._step() if self._scheduler.has_work_for_workers() else {}
             stats = self._scheduler.make_stats()
+            for client_index, outputs in outputs_by_client.items():
+                self._io.send(client_index, EngineCoreOutputs(outputs=outputs, scheduler_stats=stats))
             self._io.latest_stats = stats
-            self._stats_logger.record(stats, num_generated_tokens)
+            self._stats_logger.record(stats, sum(len(output.new_token_ids) for outputs in outputs_by_client.values()
+                                                 for output in outputs))
 
     def _take_inputs(self, block: bool) -> list[FrontendMessage]:
         messages: list[FrontendMessage] = []
@@ -194,15 +197,11 @@ class EngineCore:
             elif isinstance(message, AbortRequest):
                 self._scheduler.abort_requests(message.request_ids)
 
-    def _step(self) -> int:
-        """Schedule, execute and publish one step; returns how many tokens it generated."""
+    def _step(self) -> dict[int, list[EngineCoreOutput]]:
+        """Schedule and execute one step; returns its outputs grouped by frontend."""
         scheduler_output = self._scheduler.schedule()
         runner_output = self._executor.execute(scheduler_output)
-        outputs_by_client = self._scheduler.update_from_output(scheduler_output, runner_output)
-        stats = self._scheduler.make_stats()
-        for client_index, outputs in outputs_by_client.items():
-            self._io.send(client_index, EngineCoreOutputs(outputs=outputs, scheduler_stats=stats))
-        return sum(len(output.new_token_ids) for outputs in outputs_by_client.values() for output in outputs)
+        return self._scheduler.update_from_output(scheduler_output, runner_output)
 
     def publish_dead(self, reason: str) -> None:
         logger.error("engine dead: %s", reason)
