@@ -272,8 +272,8 @@ def _tp_worker(rank: int, world_size: int, port: int, model_paths: list[str], ou
             logits.append(model.compute_logits(model(step_ids, second.positions, caches, second)))
         if rank == 0:
             torch.save(logits, os.path.join(out_dir, f"tp{world_size}-{index}.pt"))
-    dist.barrier()  # leave together: gloo can abort a rank whose peer tears down first
-    dist.destroy_process_group()
+    dist.barrier()  # leave together, then skip teardown: gloo's destructors can SIGABRT a rank whose peer
+    os._exit(0)  # exits first (seen about 1 run in 6 even after the barrier); the results are already saved
 
 
 def test_tensor_parallel_two_ranks_match_one(tiny_models: Path, tmp_path: Path) -> None:
