@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -36,6 +37,21 @@ def session_pids(session_id: int) -> list[int]:
     return pids
 
 
+def wait_until_healthy(base_url: str, process: subprocess.Popen[Any], timeout_s: float) -> bool:
+    """Poll `GET /health` until 200 (True) or the timeout (False); raise if the process exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited during start-up (code {process.returncode})")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
 class ConveyorServer:
     """`python -m conveyor serve MODEL ARGS...` in its own session, on a free port."""
 
@@ -58,16 +74,11 @@ class ConveyorServer:
         self._wait_healthy(startup_timeout_s)
 
     def _wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited during start-up:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        try:
+            if wait_until_healthy(self.base_url, self.process, timeout_s):
+                return
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{self.log_tail()}") from None
         self.stop()
         raise RuntimeError(f"server not healthy after {timeout_s} s:\n{self.log_tail()}")
 

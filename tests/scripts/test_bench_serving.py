@@ -17,12 +17,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from tests.server_harness import REPO_ROOT
+from tests.server_harness import REPO_ROOT, wait_until_healthy
 
 BENCH = REPO_ROOT / "scripts" / "bench_serving.py"
 NAIVE_SERVER = REPO_ROOT / "scripts" / "naive_hf_server.py"
@@ -157,7 +156,7 @@ def test_naive_server_baseline(tiny_models: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, str(NAIVE_SERVER), "--model", str(model), "--port", str(port),
                              "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+        assert wait_until_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=120), "naive server not healthy"
         result = run_bench(tmp_path, "--target", f"naive=http://127.0.0.1:{port}", "--tokenizer", str(model),
                            "--input-len", "16", "--output-len", "8", "--concurrency", "2", "--num-prompts", "4")
         (level,) = result["results"]
@@ -166,17 +165,3 @@ def test_naive_server_baseline(tiny_models: Path, tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-
-
-def _wait_healthy(base_url: str, proc: subprocess.Popen[str], timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"naive server exited: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise AssertionError("naive server did not become healthy")
