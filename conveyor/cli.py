@@ -5,8 +5,8 @@ import argparse
 import os
 import sys
 
-from engine_core.config import (CacheConfig, EngineConfig, FrontendConfig, ParallelConfig, SchedulerConfig,
-                                parse_byte_size)
+from engine_core.config import (CacheConfig, EngineConfig, FrontendConfig, KVTransferConfig, ParallelConfig,
+                                SchedulerConfig, parse_byte_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,9 +15,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a model (default: the embedded SmolLM2-135M-Instruct)")
     serve.add_argument("model", nargs="?", default=None, help="Hugging Face folder or .gguf file")
     serve.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--headless", action="store_true",
+                       help="run the engine (core + workers) only, no HTTP; frontends connect with "
+                            "`conveyor frontend --engine-address tcp://DATA_PARALLEL_ADDRESS:DATA_PARALLEL_RPC_PORT`")
     _add_frontend_flags(serve)
     _add_model_flags(serve)
     _add_engine_flags(serve)
+    _add_scale_out_flags(serve)
+    frontend = commands.add_parser("frontend", help="run API servers for an engine started elsewhere "
+                                                    "(`conveyor serve --headless`)")
+    frontend.add_argument("--engine-address", required=True,
+                          help="ZeroMQ address of the engine (data-parallel rank 0), e.g. tcp://10.0.0.5:29550")
+    _add_frontend_flags(frontend)
     return parser
 
 
@@ -28,8 +37,6 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/* (also VLLM_API_KEY)")
     group.add_argument("--api-server-count", type=int, default=1, help="frontend processes sharing the port")
-    group.add_argument("--served-model-name", nargs="+", default=None)
-    group.add_argument("--chat-template", default=None, help="a Jinja2 template file or the template itself")
     group.add_argument("--uvicorn-log-level", default="warning")
     group.add_argument("--max-log-len", type=int, default=None, help="accepted for vLLM compatibility")
 
@@ -37,6 +44,8 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--tokenizer", default=None)
+    group.add_argument("--served-model-name", nargs="+", default=None)
+    group.add_argument("--chat-template", default=None, help="a Jinja2 template file or the template itself")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float", "bfloat16", "bf16",
                                                            "float16", "half", "fp16"])
     group.add_argument("--max-model-len", type=int, default=None)
@@ -58,8 +67,42 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=None)
     group.add_argument("--max-num-seqs", type=int, default=256)
     group.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
-    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    group.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default="mp",
+                       help="mp: one local process per tensor-parallel rank; ray: Ray actors in a placement group "
+                            "(RAY_ADDRESS or a running `ray start` cluster, else a local Ray), so ranks can "
+                            "span nodes")
+
+
+def _add_scale_out_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scale-out")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    group.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                       help="engine cores (each with its own workers) behind the same frontends")
+    group.add_argument("--data-parallel-size-local", "-dpl", type=int, default=None,
+                       help="how many of those run on this host (default: all)")
+    group.add_argument("--data-parallel-start-rank", "-dpr", type=int, default=0,
+                       help="data-parallel rank of this host's first engine (engines joining from another host)")
+    group.add_argument("--data-parallel-address", "-dpa", default="127.0.0.1",
+                       help="address of data-parallel rank 0 (and of a --headless engine) for frontends and "
+                            "other hosts' engines")
+    group.add_argument("--data-parallel-rpc-port", "-dpp", type=int, default=29550,
+                       help="port of data-parallel rank 0 at --data-parallel-address")
+    group.add_argument("--kv-transfer-config", default=None, type=_kv_transfer_config,
+                       help='disaggregated prefill/decode, e.g. \'{"kv_connector": "ZmqPullConnector", '
+                            '"kv_role": "kv_producer", "kv_port": 14579}\'')
+
+
+def _kv_transfer_config(text: str) -> KVTransferConfig:
+    try:
+        return KVTransferConfig.from_json(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
+    return FrontendConfig(host=args.host, port=args.port, api_key=args.api_key,
+                          api_server_count=args.api_server_count, uvicorn_log_level=args.uvicorn_log_level)
 
 
 def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tuple[EngineConfig, FrontendConfig]:
@@ -82,12 +125,13 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
         scheduler=SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=args.max_num_seqs,
                                   max_model_len=model.max_model_len, policy=args.scheduling_policy,
                                   enable_chunked_prefill=args.enable_chunked_prefill),
-        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, device=device),
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, device=device,
+                                data_parallel_size=args.data_parallel_size,
+                                distributed_executor_backend=args.distributed_executor_backend),
         engine_address=engine_address,
+        kv_transfer=args.kv_transfer_config,
     )
-    frontend = FrontendConfig(host=args.host, port=args.port, api_key=args.api_key,
-                              api_server_count=args.api_server_count, uvicorn_log_level=args.uvicorn_log_level)
-    return engine, frontend
+    return engine, frontend_config_from_args(args)
 
 
 def _cuda_visible() -> bool:
@@ -103,7 +147,6 @@ def _cuda_visible() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        from conveyor.launcher import serve
+    from conveyor import launcher
 
-        sys.exit(serve(args))
+    sys.exit(launcher.serve(args) if args.command == "serve" else launcher.run_frontends(args))

@@ -1,4 +1,4 @@
-"""Starts and stops the process tree: engine core (which starts its workers) and N frontends on one port.
+"""Starts and stops the process tree: engine core(s) (each starts its workers) and N frontends on one port.
 
 SIGINT/SIGTERM stop everything; every child also dies with its parent (PR_SET_PDEATHSIG), so no orphans stay
 behind. A dead engine core does not take the frontends down: they keep answering 503 and failing /health, as
@@ -16,41 +16,89 @@ import time
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 
-from engine_core.process_utils import configure_logging, new_ipc_address
+from engine_core.config import FrontendConfig
+from engine_core.process_utils import configure_logging
 
 logger = logging.getLogger("conveyor.launcher")
 
 
 def serve(args: argparse.Namespace) -> int:
-    from conveyor.cli import engine_config_from_args
+    """`conveyor serve`: the engine core(s) this host runs and, unless --headless, the frontends."""
+    from conveyor.cli import engine_config_from_args, frontend_config_from_args
+    from conveyor.data_parallel import plan_data_parallel
     from engine_core.core import run_engine_core
-    from frontend.server import run_frontend
 
     configure_logging("launcher")
-    engine_config, frontend_config = engine_config_from_args(args, new_ipc_address("engine"))
+    base_config, _ = engine_config_from_args(args, engine_address="")
+    plan = plan_data_parallel(args, base_config)
+    stop = _stop_on_signals()
+    spawn = multiprocessing.get_context("spawn")
+    cores: list[BaseProcess] = []
+    frontends: list[BaseProcess] = []
+    try:
+        readies = []
+        for config in plan.local_engines:
+            ready = spawn.Event()
+            rank = config.parallel.data_parallel_rank
+            core = spawn.Process(target=run_engine_core, args=(config, ready),
+                                 name=f"conveyor-core{rank}" if len(plan.local_engines) > 1 else "conveyor-core")
+            core.start()
+            cores.append(core)
+            readies.append(ready)
+        if not all(_wait_for_core(core, ready, stop) for core, ready in zip(cores, readies)):
+            return 1
+        if args.headless:
+            logger.info("headless engine serving %s; frontends connect with: conveyor frontend --engine-address %s",
+                        base_config.model.served_model_name, plan.front_door_address)
+            return _supervise(cores, [], stop)
+        frontends = _start_frontends(spawn, frontend_config_from_args(args), plan.front_door_address,
+                                     client_indices=list(range(args.api_server_count)))
+        if _wait_for_port(args.host, args.port, frontends, stop):
+            logger.info("serving %s on http://%s:%d (%d engine core(s), %d frontend process(es))",
+                        base_config.model.served_model_name, args.host, args.port, len(cores), len(frontends))
+        return _supervise(cores, frontends, stop)
+    finally:
+        _stop_all([*frontends, *cores])
+
+
+def run_frontends(args: argparse.Namespace) -> int:
+    """`conveyor frontend`: stateless API servers for an engine that runs elsewhere."""
+    from conveyor.cli import frontend_config_from_args
+    from frontend.engine_handshake import random_client_index
+
+    configure_logging("launcher")
+    stop = _stop_on_signals()
+    spawn = multiprocessing.get_context("spawn")
+    # Frontends started on their own pick random routing ids: several hosts' frontends share one engine.
+    frontends = _start_frontends(spawn, frontend_config_from_args(args), args.engine_address,
+                                 client_indices=[random_client_index() for _ in range(args.api_server_count)])
+    try:
+        if _wait_for_port(args.host, args.port, frontends, stop):
+            logger.info("serving on http://%s:%d for the engine at %s (%d frontend process(es))", args.host,
+                        args.port, args.engine_address, len(frontends))
+        return _supervise([], frontends, stop)
+    finally:
+        _stop_all(frontends)
+
+
+def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    spawn = multiprocessing.get_context("spawn")
-    ready = spawn.Event()
-    core = spawn.Process(target=run_engine_core, args=(engine_config, ready), name="conveyor-core")
-    core.start()
+    return stop
+
+
+def _start_frontends(spawn: multiprocessing.context.SpawnContext, frontend_config: FrontendConfig,
+                     engine_address: str, client_indices: list[int]) -> list[BaseProcess]:
+    from frontend.server import run_frontend
+
     frontends: list[BaseProcess] = []
-    try:
-        if not _wait_for_core(core, ready, stop):
-            return 1
-        for index in range(frontend_config.api_server_count):
-            process = spawn.Process(target=run_frontend, name=f"conveyor-frontend{index}",
-                                    args=(engine_config.model, frontend_config, engine_config.engine_address, index))
-            process.start()
-            frontends.append(process)
-        if _wait_for_port(frontend_config.host, frontend_config.port, frontends, stop):
-            logger.info("serving %s on http://%s:%d (%d frontend process(es))",
-                        engine_config.model.served_model_name, frontend_config.host, frontend_config.port,
-                        len(frontends))
-        return _supervise(core, frontends, stop)
-    finally:
-        _stop_all([*frontends, core])
+    for process_index, client_index in enumerate(client_indices):
+        process = spawn.Process(target=run_frontend, name=f"conveyor-frontend{process_index}",
+                                args=(frontend_config, engine_address, client_index, process_index))
+        process.start()
+        frontends.append(process)
+    return frontends
 
 
 def _wait_for_core(core: BaseProcess, ready: Event, stop: threading.Event) -> bool:
@@ -76,15 +124,19 @@ def _wait_for_port(host: str, port: int, frontends: list[BaseProcess], stop: thr
     return False
 
 
-def _supervise(core: BaseProcess, frontends: list[BaseProcess], stop: threading.Event) -> int:
-    """Wait for a stop signal; report a dead core once; exit when every frontend is gone."""
-    reported_core_death = False
+def _supervise(cores: list[BaseProcess], frontends: list[BaseProcess], stop: threading.Event) -> int:
+    """Wait for a stop signal; report each dead core once; exit when every frontend (headless: core) is gone."""
+    reported_dead: set[str] = set()
     while not stop.wait(timeout=0.5):
-        if not core.is_alive() and not reported_core_death:
-            reported_core_death = True
-            logger.error("engine core exited (code %s); frontends now answer 503", core.exitcode)
-        if not any(p.is_alive() for p in frontends):
+        for core in cores:
+            if not core.is_alive() and core.name not in reported_dead:
+                reported_dead.add(core.name)
+                logger.error("engine core %s exited (code %s)%s", core.name, core.exitcode,
+                             "; frontends now answer 503" if frontends else "")
+        if frontends and not any(p.is_alive() for p in frontends):
             logger.error("all frontend processes exited")
+            return 1
+        if not frontends and not any(core.is_alive() for core in cores):
             return 1
     logger.info("shutting down")
     return 0

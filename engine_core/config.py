@@ -6,7 +6,10 @@ and the launcher read these too.
 """
 from __future__ import annotations
 
+import json
+import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class ParallelConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     num_threads: int | None = None  # torch intra-op threads per worker; None = OMP_NUM_THREADS or torch's default
     distributed_init_port: int = 0  # 0 = pick a free port at start-up
+    distributed_executor_backend: str = "mp"  # "mp": local worker processes | "ray": Ray actors (multi-node)
+    data_parallel_size: int = 1  # engine cores behind the same frontends
+    data_parallel_rank: int = 0  # this engine core's rank; rank 0 is the one frontends contact first
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,75 @@ class FrontendConfig:
     uvicorn_log_level: str = "warning"
 
 
+KV_CONNECTORS = ("ZmqPullConnector", "SharedStorageConnector")
+KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
+KV_LOAD_FAILURE_POLICIES = ("recompute", "fail")
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """--kv-transfer-config: how this instance hands prompt KV to (producer) or takes it from (consumer) others."""
+
+    kv_connector: str
+    kv_role: str = "kv_both"
+    kv_ip: str = "127.0.0.1"  # producer: the address consumers pull from (must be reachable from them)
+    kv_port: int = 14579  # producer: tensor-parallel rank r of data-parallel rank d listens on kv_port + d*tp + r
+    engine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    kv_load_failure_policy: str = "recompute"  # consumer: "recompute" the prompt or "fail" the request
+    kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_producer(self) -> bool:
+        return self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.kv_role in ("kv_consumer", "kv_both")
+
+    @property
+    def lease_s(self) -> float:
+        """How long a producer keeps a finished request's blocks for a consumer that has not pulled them."""
+        return float(self.kv_connector_extra_config.get("lease_s", 120.0))
+
+    @property
+    def transfer_timeout_s(self) -> float:
+        """How long a consumer waits for a producer (pull) or for the KV files (shared storage)."""
+        return float(self.kv_connector_extra_config.get("transfer_timeout_s", 30.0))
+
+    @classmethod
+    def from_json(cls, text: str) -> KVTransferConfig:
+        """Parse and check the --kv-transfer-config JSON; ValueError names the bad key."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--kv-transfer-config is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ValueError("--kv-transfer-config must be a JSON object")
+        extra = dict(raw.get("kv_connector_extra_config") or {})
+        known = {"kv_connector", "kv_role", "kv_ip", "kv_port", "engine_id", "kv_load_failure_policy",
+                 "kv_connector_extra_config"}
+        # vLLM also accepts these; they carry no meaning for Conveyor's connectors.
+        ignored = {"kv_buffer_device", "kv_buffer_size", "kv_rank", "kv_parallel_size", "kv_connector_module_path"}
+        unknown = set(raw) - known - ignored
+        if unknown:
+            raise ValueError(f"--kv-transfer-config: unknown key(s) {sorted(unknown)}")
+        policy = raw.get("kv_load_failure_policy", extra.pop("kv_load_failure_policy", "recompute"))
+        config = cls(kv_connector=str(raw.get("kv_connector", "")), kv_role=str(raw.get("kv_role", "kv_both")),
+                     kv_ip=str(raw.get("kv_ip", "127.0.0.1")), kv_port=int(raw.get("kv_port", 14579)),
+                     engine_id=str(raw.get("engine_id") or uuid.uuid4().hex), kv_load_failure_policy=str(policy),
+                     kv_connector_extra_config=extra)
+        for name, value, allowed in (("kv_connector", config.kv_connector, KV_CONNECTORS),
+                                     ("kv_role", config.kv_role, KV_ROLES),
+                                     ("kv_load_failure_policy", config.kv_load_failure_policy,
+                                      KV_LOAD_FAILURE_POLICIES)):
+            if value not in allowed:
+                raise ValueError(f"--kv-transfer-config: {name} {value!r} is not one of {', '.join(allowed)}")
+        if config.kv_connector == "SharedStorageConnector" and not extra.get("shared_storage_path"):
+            raise ValueError("--kv-transfer-config: SharedStorageConnector needs "
+                             "kv_connector_extra_config.shared_storage_path")
+        return config
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -67,6 +142,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     engine_address: str = ""  # ZeroMQ address frontends connect to, e.g. ipc:///tmp/conveyor-xyz/engine
+    dp_master_address: str = ""  # data-parallel rank > 0: rank 0's engine_address, where this core registers
+    kv_transfer: KVTransferConfig | None = None  # disaggregated prefill/decode
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

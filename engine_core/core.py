@@ -24,8 +24,10 @@ import zmq
 from engine_core.config import EngineConfig
 from engine_core.executor import EngineDeadError, Executor
 from engine_core.process_utils import configure_logging, become_child_process
+from engine_core.model_info import describe_model
 from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutput, EngineCoreOutputs,
-                                  EngineCoreRequest, FrontendMessage, SchedulerStats, frontend_message_decoder)
+                                  EngineCoreRequest, EngineInfo, EngineRegistration, FrontendMessage,
+                                  SchedulerStats, frontend_message_decoder, frontend_message_encoder)
 from engine_core.scheduler import Scheduler
 
 logger = logging.getLogger("conveyor.core")
@@ -45,14 +47,22 @@ def client_identity(client_index: int) -> bytes:
 
 
 class FrontendIO:
-    """Background thread that owns the frontend-facing ROUTER socket."""
+    """Background thread that owns the frontend-facing ROUTER socket.
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], address: str) -> None:
+    On data-parallel rank 0 it also answers `ClientHello(want_engine_info=True)` with `engine_info` and keeps
+    its table of engine addresses current as other ranks register.
+    """
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], address: str,
+                 engine_info: EngineInfo | None = None) -> None:
         self.inputs: queue.Queue[FrontendMessage] = queue.Queue()
         self.latest_stats = SchedulerStats()
+        self._engine_info = engine_info
         self._context = context
         self._router = context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # drop output for a frontend that went away
+        # A frontend reconnects with the same routing id after its start-up handshake: let it take over.
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._router.bind(address)
         self._outbox_address = f"inproc://outbox-{id(self)}"
         self._outbox_pull = context.socket(zmq.PULL)
@@ -101,14 +111,31 @@ class FrontendIO:
                 identity, payload = self._router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._clients.add(identity)
             try:
                 message = frontend_message_decoder.decode(payload)
             except msgspec.DecodeError as exc:
                 logger.warning("dropping undecodable frontend message: %s", exc)
                 continue
-            if not isinstance(message, ClientHello):
+            if isinstance(message, EngineRegistration):
+                self._register_engine(message)
+                continue
+            self._clients.add(identity)
+            if isinstance(message, ClientHello):
+                if message.want_engine_info and self._engine_info is not None:
+                    reply = EngineCoreOutputs(scheduler_stats=self.latest_stats, engine_info=self._engine_info)
+                    self._router.send_multipart([identity, self._encoder.encode(reply)])
+            else:
                 self.inputs.put(message)
+
+    def _register_engine(self, registration: EngineRegistration) -> None:
+        addresses = self._engine_info.engine_addresses if self._engine_info is not None else []
+        if not 0 < registration.dp_rank < len(addresses):
+            logger.warning("ignoring a registration from data-parallel rank %d (this engine expects ranks 1..%d)",
+                           registration.dp_rank, len(addresses) - 1)
+            return
+        if addresses[registration.dp_rank] != registration.address:
+            logger.info("data-parallel engine %d registered at %s", registration.dp_rank, registration.address)
+        addresses[registration.dp_rank] = registration.address
 
     def _send_all(self) -> None:
         while True:
@@ -154,9 +181,27 @@ class EngineCore:
         self._executor = Executor(config)
         self._scheduler = Scheduler(config.scheduler, config.cache, self._executor.num_blocks)
         self._context = zmq.Context()
-        self._io = FrontendIO(self._context, config.engine_address)
+        self._io = FrontendIO(self._context, config.engine_address, self._engine_info(config))
+        if config.dp_master_address:
+            self._register_with_master(config)
         self._stats_logger = StatsLogger()
         self._running = True
+
+    @staticmethod
+    def _engine_info(config: EngineConfig) -> EngineInfo | None:
+        """Rank 0 answers frontends' start-up questions; other ranks only serve requests."""
+        if config.parallel.data_parallel_rank != 0:
+            return None
+        addresses = [config.engine_address] + [""] * (config.parallel.data_parallel_size - 1)
+        return EngineInfo(model=describe_model(config.model), engine_addresses=addresses)
+
+    def _register_with_master(self, config: EngineConfig) -> None:
+        """Tell data-parallel rank 0 where frontends reach this core (queued by ZeroMQ until rank 0 is up)."""
+        self._master = self._context.socket(zmq.DEALER)
+        self._master.setsockopt(zmq.LINGER, 0)
+        self._master.connect(config.dp_master_address)
+        self._master.send(frontend_message_encoder.encode(
+            EngineRegistration(config.parallel.data_parallel_rank, config.engine_address)))
 
     def stop(self) -> None:
         self._running = False
@@ -215,8 +260,9 @@ class EngineCore:
 
 def run_engine_core(config: EngineConfig, ready_event: EventLike | None = None) -> None:
     """Process entry point: build the engine, signal readiness, loop until SIGTERM/SIGINT or death."""
-    become_child_process("conveyor-core")
-    configure_logging("core")
+    suffix = str(config.parallel.data_parallel_rank) if config.parallel.data_parallel_size > 1 else ""
+    become_child_process(f"conveyor-core{suffix}")
+    configure_logging(f"core{suffix}")
     core = EngineCore(config)
     signal.signal(signal.SIGTERM, lambda *_: core.stop())
     signal.signal(signal.SIGINT, lambda *_: core.stop())

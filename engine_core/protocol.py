@@ -10,7 +10,7 @@ never leaves the engine core; it is converted to these structs in one place (the
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 import msgspec
 
@@ -64,6 +64,9 @@ class EngineCoreRequest(msgspec.Struct, tag="req", **_WIRE):
     priority: int = 0
     cache_salt: Union[str, None] = None
     client_index: int = 0
+    # Disaggregated prefill/decode: {"do_remote_decode": true} on a prefill instance; the prefill's returned
+    # params (do_remote_prefill, remote_*) on a decode instance. Opaque to the frontend.
+    kv_transfer_params: Union[dict[str, Any], None] = None
 
 
 class AbortRequest(msgspec.Struct, tag="abort", **_WIRE):
@@ -71,12 +74,24 @@ class AbortRequest(msgspec.Struct, tag="abort", **_WIRE):
 
 
 class ClientHello(msgspec.Struct, tag="hello", **_WIRE):
-    """First message of a frontend: registers its ZeroMQ identity so heartbeats and stats reach it."""
+    """First message of a frontend: registers its ZeroMQ identity so heartbeats and stats reach it.
+
+    With `want_engine_info` the core answers with `EngineCoreOutputs.engine_info` (model, tokenizer files and
+    the addresses of every data-parallel engine), which is all a frontend on another host needs to start.
+    """
 
     client_index: int
+    want_engine_info: bool = False
 
 
-FrontendMessage = Union[EngineCoreRequest, AbortRequest, ClientHello]
+class EngineRegistration(msgspec.Struct, tag="register", **_WIRE):
+    """A data-parallel engine core (rank > 0, local or on another host) tells rank 0 where frontends find it."""
+
+    dp_rank: int
+    address: str
+
+
+FrontendMessage = Union[EngineCoreRequest, AbortRequest, ClientHello, EngineRegistration]
 
 
 # --------------------------------------------------------------------------- core -> frontend
@@ -89,6 +104,7 @@ class EngineCoreOutput(msgspec.Struct, **_WIRE):
     finish_reason: Union[str, None] = None  # "stop" | "length" | "abort" | "error"
     stop_reason: Union[int, str, None] = None  # the stop token id that ended it, or an error message
     num_cached_tokens: int = 0
+    kv_transfer_params: Union[dict[str, Any], None] = None  # set on the last output of a prefill for remote decode
 
     @property
     def finished(self) -> bool:
@@ -108,12 +124,78 @@ class SchedulerStats(msgspec.Struct, **_WIRE):
     num_scheduled_reqs: int = 0  # cumulative sum over steps of requests in the step
     max_reqs_in_step: int = 0
     num_preemptions: int = 0
+    # Where prompt KV came from (cumulative tokens): computed here, prefix cache hits, or loaded by a KV connector.
+    prompt_tokens_computed: int = 0
+    prompt_tokens_transferred: int = 0
+    num_kv_transfers_failed: int = 0
+    num_blocks_held_for_transfer: int = 0  # gauge: blocks a producer keeps until consumers pull them
+
+
+class ModelInfo(msgspec.Struct, **_WIRE):
+    """What a frontend needs of the model; files travel as bytes so a frontend on another host needs no copy."""
+
+    model: str
+    served_model_name: str
+    architecture: str
+    dtype: str
+    max_model_len: int
+    seed: int
+    eos_token_ids: list[int]
+    use_generation_config: bool  # False for --generation-config vllm
+    chat_template: Union[str, None]  # the template text given with --chat-template
+    tokenizer_files: dict[str, bytes]  # file name -> content (tokenizer.json, tokenizer_config.json, ...)
+
+
+class EngineInfo(msgspec.Struct, **_WIRE):
+    model: ModelInfo
+    engine_addresses: list[str]  # index = data-parallel rank; "" while that rank has not registered yet
 
 
 class EngineCoreOutputs(msgspec.Struct, **_WIRE):
     outputs: list[EngineCoreOutput] = []
     scheduler_stats: Union[SchedulerStats, None] = None
     engine_dead: bool = False  # sentinel: the core (or a worker) died; frontends answer 503 from now on
+    engine_info: Union[EngineInfo, None] = None  # the answer to ClientHello(want_engine_info=True)
+
+
+# --------------------------------------------------------------------------- KV transfer (disaggregated P/D)
+
+
+class KVLoad(msgspec.Struct, **_WIRE):
+    """Consumer side: fill `local_block_ids` with the producer's KV of `remote_block_ids` (same order)."""
+
+    request_id: str
+    local_block_ids: list[int]
+    remote_engine_id: str
+    remote_request_id: str
+    remote_block_ids: list[int]
+    remote_host: str
+    remote_port: int
+    storage_key: str = ""  # shared-storage connector: the folder holding the KV
+
+
+class KVSave(msgspec.Struct, **_WIRE):
+    """Producer side: `block_ids` of a finished request hold KV a consumer will fetch (pull or storage)."""
+
+    request_id: str
+    block_ids: list[int]
+    storage_key: str = ""
+
+
+class KVConnectorMetadata(msgspec.Struct, **_WIRE):
+    """The scheduler-side connector's instructions for one step, applied by every rank before the forward."""
+
+    loads: list[KVLoad] = []
+    saves: list[KVSave] = []
+    released_request_ids: list[str] = []  # producer: stop serving these (pulled elsewhere or lease expired)
+
+
+class KVConnectorOutput(msgspec.Struct, **_WIRE):
+    """One rank's transfer progress since its previous answer; the executor merges all ranks'."""
+
+    finished_sending: list[str] = []
+    finished_recving: list[str] = []
+    failed_recving: dict[str, str] = {}  # request id -> why
 
 
 # --------------------------------------------------------------------------- core -> workers
@@ -151,6 +233,7 @@ class SchedulerOutput(msgspec.Struct, tag="step", **_WIRE):
     cached_requests: list[CachedRequestData]
     num_scheduled_tokens: dict[str, int]
     finished_request_ids: list[str]  # forget these (finished, aborted or preempted)
+    kv_connector_metadata: Union[KVConnectorMetadata, None] = None
 
 
 class InitializeCache(msgspec.Struct, tag="init_cache", **_WIRE):
@@ -183,6 +266,8 @@ class ModelRunnerOutput(msgspec.Struct, tag="result", **_WIRE):
     sampled_token_ids: list[list[int]]
     logprobs: list[Union[list[TokenLogprobs], None]]
     error: Union[str, None] = None  # set when the step failed as a whole
+    kv_connector_output: Union[KVConnectorOutput, None] = None
+    rank: int = 0
 
 
 class WorkerFailure(msgspec.Struct, tag="failure", **_WIRE):

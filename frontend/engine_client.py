@@ -6,6 +6,7 @@
  queue[request_id] ◀── reader task ◀── EngineCoreOutputs (outputs, scheduler_stats, engine_dead)
                               └── watchdog: no message for `heartbeat_timeout_s` => engine dead
 ```
+With data parallelism there is one DEALER (and one reader task) per engine core.
 Invariants: a request id has a queue exactly while its `generate()` runs; a `generate()` that ends before its
 request finished (client gone, stop string matched, cancellation) aborts the request in the engine. Once the
 engine is dead it stays dead: waiting requests fail and new ones answer 503 at once.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator, Protocol, Union
 
 import zmq
@@ -43,7 +45,9 @@ class EngineClient(Protocol):
     def dead_reason(self) -> str | None: ...
 
     @property
-    def scheduler_stats(self) -> SchedulerStats | None: ...
+    def engine_stats(self) -> list[SchedulerStats | None]:
+        """The latest stats of each engine core, by data-parallel rank."""
+        ...
 
     async def start(self) -> None: ...
 
@@ -59,20 +63,41 @@ class EngineClient(Protocol):
     async def abort(self, request_ids: list[str]) -> None: ...
 
 
-class ZmqEngineClient:
-    """`EngineClient` over ZeroMQ; the engine core binds a ROUTER at `engine_address`."""
+@dataclass
+class _EngineConnection:
+    """One data-parallel engine core as this frontend sees it."""
 
-    def __init__(self, engine_address: str, client_index: int,
+    rank: int
+    address: str
+    socket: zmq.asyncio.Socket
+    last_message_time: float
+    stats: SchedulerStats | None = None
+    sent_since_stats: int = 0  # requests sent after the latest stats, which cannot count them yet
+
+    @property
+    def load(self) -> int:
+        reported = 0 if self.stats is None else self.stats.num_running_reqs + self.stats.num_waiting_reqs
+        return reported + self.sent_since_stats
+
+
+class ZmqEngineClient:
+    """`EngineClient` over ZeroMQ; each engine core (one per data-parallel rank) binds a ROUTER at its address.
+
+    A request goes to the least-loaded engine (running + waiting, from the stats every output and heartbeat
+    carries, plus what this frontend sent since); ties rotate so equal engines share the work.
+    """
+
+    def __init__(self, engine_addresses: str | list[str], client_index: int,
                  heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> None:
-        self.engine_address = engine_address
+        self.engine_addresses = [engine_addresses] if isinstance(engine_addresses, str) else list(engine_addresses)
         self.client_index = client_index
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._queues: dict[str, asyncio.Queue[_QueueItem]] = {}
-        self._stats: SchedulerStats | None = None
+        self._engine_of_request: dict[str, _EngineConnection] = {}
+        self._engines: list[_EngineConnection] = []
+        self._next_tie_break = 0
         self._dead_reason: str | None = None
-        self._last_message_time = time.monotonic()
         self._context: zmq.asyncio.Context | None = None
-        self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -84,40 +109,44 @@ class ZmqEngineClient:
         return self._dead_reason
 
     @property
-    def scheduler_stats(self) -> SchedulerStats | None:
-        return self._stats
+    def engine_stats(self) -> list[SchedulerStats | None]:
+        """The latest stats of each engine, by data-parallel rank."""
+        return [engine.stats for engine in self._engines]
 
     @property
     def num_in_flight(self) -> int:
         return len(self._queues)
 
     async def start(self) -> None:
-        """Connect, say hello (so the core sends us heartbeats) and start the reader and the watchdog."""
+        """Connect to every engine, say hello (so it sends us heartbeats), start the readers and the watchdog."""
         self._context = zmq.asyncio.Context()
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.client_index.to_bytes(4, "little"))
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.connect(self.engine_address)
-        self._socket = sock
-        self._last_message_time = time.monotonic()
-        self._send_nowait(ClientHello(self.client_index))
-        self._tasks = [asyncio.create_task(self._read_loop(), name="engine-reader"),
-                       asyncio.create_task(self._watch_heartbeats(), name="engine-watchdog")]
-        logger.info("frontend %d connected to the engine core at %s", self.client_index, self.engine_address)
+        now = time.monotonic()
+        for rank, address in enumerate(self.engine_addresses):
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.ROUTING_ID, self.client_index.to_bytes(4, "little"))
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.connect(address)
+            engine = _EngineConnection(rank, address, sock, now)
+            self._engines.append(engine)
+            self._send_nowait(engine, ClientHello(self.client_index))
+            self._tasks.append(asyncio.create_task(self._read_loop(engine), name=f"engine-reader-{rank}"))
+        self._tasks.append(asyncio.create_task(self._watch_heartbeats(), name="engine-watchdog"))
+        logger.info("frontend %d connected to %d engine core(s): %s", self.client_index, len(self._engines),
+                    ", ".join(self.engine_addresses))
 
     async def close(self) -> None:
-        """Abort what is still running, stop the tasks and close the socket."""
-        if self._queues and not self.is_dead:
-            self._send_nowait(AbortRequest(list(self._queues)))
+        """Abort what is still running, stop the tasks and close the sockets."""
+        if not self.is_dead:
+            self._abort_in_engines(list(self._queues))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._socket is not None:
-            self._socket.close(linger=100)
-            self._socket = None
+        for engine in self._engines:
+            engine.socket.close(linger=100)
+        self._engines = []
         if self._context is not None:
             self._context.term()
             self._context = None
@@ -130,9 +159,12 @@ class ZmqEngineClient:
             raise ValueError(f"request id {request_id!r} is already running")
         queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         self._queues[request_id] = queue
+        engine = self._least_loaded_engine()
+        self._engine_of_request[request_id] = engine
         finished = False
         try:
-            self._send_nowait(request)
+            engine.sent_since_stats += 1
+            self._send_nowait(engine, request)
             while not finished:
                 item = await queue.get()
                 if isinstance(item, EngineDeadError):
@@ -143,39 +175,52 @@ class ZmqEngineClient:
         finally:
             # No await here: this also runs under cancellation (client disconnected).
             self._queues.pop(request_id, None)
+            self._engine_of_request.pop(request_id, None)
             if not finished and not self.is_dead:
-                self._send_nowait(AbortRequest([request_id]))
+                self._send_nowait(engine, AbortRequest([request_id]))
 
     async def abort(self, request_ids: list[str]) -> None:
-        if request_ids and not self.is_dead:
-            self._send_nowait(AbortRequest(list(request_ids)))
+        if not self.is_dead:
+            self._abort_in_engines(request_ids)
 
     # ------------------------------------------------------------------ internals
 
-    def _send_nowait(self, message: FrontendMessage) -> None:
+    def _least_loaded_engine(self) -> _EngineConnection:
+        count = len(self._engines)
+        start, self._next_tie_break = self._next_tie_break, (self._next_tie_break + 1) % count
+        return min((self._engines[(start + offset) % count] for offset in range(count)), key=lambda e: e.load)
+
+    def _abort_in_engines(self, request_ids: list[str]) -> None:
+        by_engine: dict[int, list[str]] = {}
+        for request_id in request_ids:
+            engine = self._engine_of_request.get(request_id)
+            if engine is not None:
+                by_engine.setdefault(engine.rank, []).append(request_id)
+        for rank, ids in by_engine.items():
+            self._send_nowait(self._engines[rank], AbortRequest(ids))
+
+    def _send_nowait(self, engine: _EngineConnection, message: FrontendMessage) -> None:
         """Queue one single-frame message; never blocks (unbounded high-water mark)."""
-        assert self._socket is not None, "engine client not started"
-        future = self._socket.send(frontend_message_encoder.encode(message), copy=False)
+        future = engine.socket.send(frontend_message_encoder.encode(message), copy=False)
         future.add_done_callback(_log_send_failure)  # type: ignore[attr-defined]
 
-    async def _read_loop(self) -> None:
-        assert self._socket is not None
+    async def _read_loop(self, engine: _EngineConnection) -> None:
         while True:
-            frame = await self._socket.recv(copy=False)
-            self._last_message_time = time.monotonic()
+            frame = await engine.socket.recv(copy=False)
+            engine.last_message_time = time.monotonic()
             try:
                 outputs = engine_outputs_decoder.decode(frame.buffer)
             except Exception as exc:  # a bad message must not kill the reader
-                logger.warning("dropping an undecodable message from the engine core: %s", exc)
+                logger.warning("dropping an undecodable message from engine %d: %s", engine.rank, exc)
                 continue
             if outputs.scheduler_stats is not None:
-                self._stats = outputs.scheduler_stats
+                engine.stats, engine.sent_since_stats = outputs.scheduler_stats, 0
             for output in outputs.outputs:
                 queue = self._queues.get(output.request_id)
                 if queue is not None:  # else: aborted by us; late outputs are expected
                     queue.put_nowait(output)
             if outputs.engine_dead:
-                self._declare_dead("the engine core reported that it died")
+                self._declare_dead(f"engine core {engine.rank} reported that it died")
                 return
 
     async def _watch_heartbeats(self) -> None:
@@ -184,19 +229,20 @@ class ZmqEngineClient:
             slept_from = time.monotonic()
             await asyncio.sleep(interval_s)
             if time.monotonic() - slept_from > 2 * interval_s + 0.5:
-                continue  # our own event loop was blocked: let the reader drain what arrived meanwhile
-            silent_s = time.monotonic() - self._last_message_time
-            if silent_s > self.heartbeat_timeout_s:
-                self._declare_dead(f"no message from the engine core for {silent_s:.1f} s")
+                continue  # our own event loop was blocked: let the readers drain what arrived meanwhile
+            for engine in self._engines:
+                silent_s = time.monotonic() - engine.last_message_time
+                if silent_s > self.heartbeat_timeout_s:
+                    self._declare_dead(f"no message from engine core {engine.rank} for {silent_s:.1f} s")
+                    break
 
     def _declare_dead(self, reason: str) -> None:
         """Fail every waiting request; from now on every request answers 503."""
         if self._dead_reason is not None:
             return
-        logger.error("engine core is dead (%s); %d request(s) in flight fail, new ones answer 503",
+        logger.error("engine is dead (%s); %d request(s) in flight fail, new ones answer 503",
                      reason, len(self._queues))
-        if self._queues:  # in case only the heartbeats stopped: free the engine's blocks
-            self._send_nowait(AbortRequest(list(self._queues)))
+        self._abort_in_engines(list(self._queues))  # in case only heartbeats stopped: free the blocks
         self._dead_reason = reason
         error = EngineDeadError(self._dead_message())
         for queue in self._queues.values():

@@ -34,27 +34,38 @@ _ENGINE_GAUGES: tuple[tuple[str, str, Callable[[SchedulerStats], float]], ...] =
      lambda s: s.num_scheduled_reqs),
     ("max_requests_in_step", "Most requests seen in one step.", lambda s: s.max_reqs_in_step),
     ("num_preemptions", "Requests preempted (cumulative).", lambda s: s.num_preemptions),
+    ("prompt_tokens_computed", "Prompt tokens whose KV this engine computed (cumulative).",
+     lambda s: s.prompt_tokens_computed),
+    ("prompt_tokens_transferred", "Prompt tokens whose KV a KV connector loaded from another instance "
+     "(cumulative).", lambda s: s.prompt_tokens_transferred),
+    ("kv_transfers_failed", "KV loads from another instance that failed (cumulative).",
+     lambda s: s.num_kv_transfers_failed),
+    ("kv_blocks_held_for_transfer", "KV blocks a prefill instance keeps until a decode instance pulls them.",
+     lambda s: s.num_blocks_held_for_transfer),
 )
 
 
 class _EngineStatsCollector(Collector):
-    def __init__(self, stats: Callable[[], SchedulerStats | None], model_name: str) -> None:
+    """One series per engine core, labelled `engine` with its data-parallel rank (as vLLM does)."""
+
+    def __init__(self, stats: Callable[[], list[SchedulerStats | None]], model_name: str) -> None:
         self._stats = stats
         self._model_name = model_name
 
     def collect(self) -> Iterable[Metric]:
-        stats = self._stats() or SchedulerStats()
+        per_engine = [stats or SchedulerStats() for stats in self._stats()] or [SchedulerStats()]
         for suffix, help_text, value in _ENGINE_GAUGES:
             for prefix in _PREFIXES:
-                family = GaugeMetricFamily(prefix + suffix, help_text, labels=["model_name"])
-                family.add_metric([self._model_name], float(value(stats)))
+                family = GaugeMetricFamily(prefix + suffix, help_text, labels=["model_name", "engine"])
+                for rank, stats in enumerate(per_engine):
+                    family.add_metric([self._model_name, str(rank)], float(value(stats)))
                 yield family
 
 
 class FrontendMetrics:
     """Per-process metrics; `observe_finished` is called once per finished engine request."""
 
-    def __init__(self, model_name: str, stats: Callable[[], SchedulerStats | None]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], list[SchedulerStats | None]]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStatsCollector(stats, model_name))
         self._model_name = model_name

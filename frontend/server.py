@@ -14,9 +14,10 @@ from typing import Any, Iterator
 
 import uvicorn
 
-from engine_core.config import FrontendConfig, ModelConfig
+from engine_core.config import FrontendConfig
 from frontend.app import create_app
 from frontend.engine_client import ZmqEngineClient
+from frontend.engine_handshake import fetch_engine_info, model_config_from_info
 
 logger = logging.getLogger("conveyor.frontend")
 
@@ -62,20 +63,23 @@ def make_server(app: Any, log_level: str) -> _Server:
     return _Server(config)
 
 
-def run_frontend(model_config: ModelConfig, frontend_config: FrontendConfig, engine_address: str,
-                 client_index: int) -> None:
-    """Serve the OpenAI API for `model_config` on frontend_config.host:port until SIGTERM/SIGINT."""
-    _become_child_process(f"conveyor-fe{client_index}")
+def run_frontend(frontend_config: FrontendConfig, engine_address: str, client_index: int,
+                 process_index: int = 0) -> None:
+    """Ask the engine at `engine_address` what it serves, then serve the OpenAI API for it on
+    frontend_config.host:port until SIGTERM/SIGINT."""
+    _become_child_process(f"conveyor-fe{process_index}")
+    info = fetch_engine_info(engine_address, client_index)
+    model_config = model_config_from_info(info.model)
     sock = bind_socket(frontend_config.host, frontend_config.port)
-    app = create_app(model_config, frontend_config, ZmqEngineClient(engine_address, client_index))
+    app = create_app(model_config, frontend_config, ZmqEngineClient(info.engine_addresses, client_index))
     server = make_server(app, frontend_config.uvicorn_log_level)
-    logger.info("frontend %d serving %s on http://%s:%d", client_index, model_config.served_model_name,
+    logger.info("frontend %d serving %s on http://%s:%d", process_index, model_config.served_model_name,
                 frontend_config.host, frontend_config.port)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
-    logger.info("frontend %d stopped", client_index)
+    logger.info("frontend %d stopped", process_index)
 
 
 def _become_child_process(name: str) -> None:

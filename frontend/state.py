@@ -42,7 +42,7 @@ class FrontendState:
                    tokenizer=tokenizer,
                    chat_template=load_chat_template(model_config, tokenizer.special_tokens),
                    generation_defaults=load_generation_defaults(model_config), eos=eos,
-                   metrics=FrontendMetrics(model_config.served_model_name, lambda: engine.scheduler_stats),
+                   metrics=FrontendMetrics(model_config.served_model_name, lambda: engine.engine_stats),
                    api_key=resolve_api_key(frontend_config.api_key), created=int(time.time()))
 
     def check_model(self, model: str | None) -> None:

@@ -53,14 +53,19 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen[Any], timeout_s:
 
 
 class ConveyorServer:
-    """`python -m conveyor serve MODEL ARGS...` in its own session, on a free port."""
+    """`python -m conveyor serve MODEL ARGS...` in its own session, on a free port.
+
+    `subcommand="frontend"` runs `conveyor frontend ARGS...` instead (give no model); `ready_log_line` waits for
+    that text in the log instead of a healthy /health (a `--headless` engine has no HTTP).
+    """
 
     def __init__(self, model: str | None, *args: str, api_key: str | None = None,
-                 env: dict[str, str] | None = None, startup_timeout_s: float = 300.0) -> None:
+                 env: dict[str, str] | None = None, startup_timeout_s: float = 300.0, subcommand: str = "serve",
+                 ready_log_line: str | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        command = [sys.executable, "-m", "conveyor", "serve"]
+        command = [sys.executable, "-m", "conveyor", subcommand]
         if model is not None:
             command.append(model)
         command += ["--port", str(self.port), *args]
@@ -71,7 +76,22 @@ class ConveyorServer:
         process_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=process_env, stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_healthy(startup_timeout_s)
+        if ready_log_line is None:
+            self._wait_healthy(startup_timeout_s)
+        else:
+            self._wait_for_log_line(ready_log_line, startup_timeout_s)
+
+    def _wait_for_log_line(self, text: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in self.log_path.read_text(errors="replace"):
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"process exited during start-up (code {self.process.returncode}):\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"no {text!r} in the log after {timeout_s} s:\n{self.log_tail()}")
 
     def _wait_healthy(self, timeout_s: float) -> None:
         try:

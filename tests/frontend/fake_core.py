@@ -12,9 +12,11 @@ from typing import Callable
 
 import zmq
 
+from engine_core.config import ModelConfig
+from engine_core.model_info import describe_model
 from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutput, EngineCoreOutputs,
-                                  EngineCoreRequest, SchedulerStats, TokenLogprobs, engine_outputs_encoder,
-                                  frontend_message_decoder)
+                                  EngineCoreRequest, EngineInfo, SchedulerStats, TokenLogprobs,
+                                  engine_outputs_encoder, frontend_message_decoder)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class FakeCore:
     error_message: str | None = None  # finish every request at once with reason "error"
     silent: bool = False  # stop heartbeats and outputs (inputs are still recorded)
     address: str = "tcp://127.0.0.1:0"  # a random port (inproc would need a shared zmq Context)
+    model_config: ModelConfig | None = None  # answers a frontend's start-up handshake when set
     requests: list[EngineCoreRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     hellos: list[int] = field(default_factory=list)
@@ -113,6 +116,11 @@ class FakeCore:
 
     def _handle(self, identity: bytes, message: object) -> None:
         if isinstance(message, ClientHello):
+            if message.want_engine_info:
+                if self.model_config is not None:
+                    info = EngineInfo(model=describe_model(self.model_config), engine_addresses=[self.address])
+                    self._send(identity, EngineCoreOutputs(engine_info=info))
+                return
             self.hellos.append(message.client_index)
             self._clients.add(identity)
         elif isinstance(message, AbortRequest):

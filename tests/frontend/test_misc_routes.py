@@ -55,7 +55,8 @@ def test_metrics(client: openai.OpenAI, http: httpx.Client) -> None:
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
               if line and not line.startswith("#")}
     model = f'{{model_name="{SERVED_NAME}"}}'
-    assert values[f"conveyor:num_requests_waiting{model}"] == 1.0  # from the fake core's stats
-    assert values[f"conveyor:num_preemptions{model}"] == 2.0
+    engine = f'{{engine="0",model_name="{SERVED_NAME}"}}'  # engine gauges: one series per data-parallel rank
+    assert values[f"conveyor:num_requests_waiting{engine}"] == 1.0  # from the fake core's stats
+    assert values[f"conveyor:num_preemptions{engine}"] == 2.0
     assert values[f"conveyor:generation_tokens_total{model}"] >= 3
     assert values[f'conveyor:request_success_total{{finished_reason="length",model_name="{SERVED_NAME}"}}'] >= 1

@@ -25,11 +25,11 @@ def test_frontend_imports_no_torch() -> None:
 def test_two_frontends_share_a_port_and_stop_on_sigterm() -> None:
     from frontend.server import run_frontend
 
-    core = FakeCore(canned_token_ids())
+    core = FakeCore(canned_token_ids(), model_config=model_config())
     port = free_port()
     context = multiprocessing.get_context("spawn")
     frontend_config = FrontendConfig(host="127.0.0.1", port=port, api_server_count=2)
-    processes = [context.Process(target=run_frontend, args=(model_config(), frontend_config, core.address, index))
+    processes = [context.Process(target=run_frontend, args=(frontend_config, core.address, index, index))
                  for index in range(2)]
     try:
         for process in processes:
