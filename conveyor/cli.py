@@ -121,7 +121,7 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_memory_bytes=parse_byte_size(args.kv_cache_memory) if args.kv_cache_memory else None,
                           enable_prefix_caching=args.enable_prefix_caching,
-                          num_blocks_override=args.num_gpu_blocks_override),
+                          num_blocks_override=args.num_gpu_blocks_override, kv_transfer=args.kv_transfer_config),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=args.max_num_seqs,
                                   max_model_len=model.max_model_len, policy=args.scheduling_policy,
                                   enable_chunked_prefill=args.enable_chunked_prefill),
@@ -129,7 +129,6 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
                                 data_parallel_size=args.data_parallel_size,
                                 distributed_executor_backend=args.distributed_executor_backend),
         engine_address=engine_address,
-        kv_transfer=args.kv_transfer_config,
     )
     return engine, frontend_config_from_args(args)
 

@@ -28,44 +28,6 @@ class ModelConfig:
     chat_template: str | None = None  # --chat-template: a file path or the template itself
 
 
-@dataclass(frozen=True)
-class CacheConfig:
-    block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # CPU: None = 4 GiB, or 40% of free RAM if less
-    gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + activations + KV
-    enable_prefix_caching: bool = True
-    num_blocks_override: int | None = None  # --num-gpu-blocks-override: fixed block count (tests)
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    max_model_len: int = 2048
-    policy: str = "fcfs"  # "fcfs" | "priority"
-    enable_chunked_prefill: bool = True
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    tensor_parallel_size: int = 1
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    num_threads: int | None = None  # torch intra-op threads per worker; None = OMP_NUM_THREADS or torch's default
-    distributed_init_port: int = 0  # 0 = pick a free port at start-up
-    distributed_executor_backend: str = "mp"  # "mp": local worker processes | "ray": Ray actors (multi-node)
-    data_parallel_size: int = 1  # engine cores behind the same frontends
-    data_parallel_rank: int = 0  # this engine core's rank; rank 0 is the one frontends contact first
-
-
-@dataclass(frozen=True)
-class FrontendConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    api_server_count: int = 1
-    uvicorn_log_level: str = "warning"
-
-
 KV_CONNECTORS = ("ZmqPullConnector", "SharedStorageConnector")
 KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
 KV_LOAD_FAILURE_POLICIES = ("recompute", "fail")
@@ -136,6 +98,45 @@ class KVTransferConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None  # CPU: None = 4 GiB, or 40% of free RAM if less
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + activations + KV
+    enable_prefix_caching: bool = True
+    num_blocks_override: int | None = None  # --num-gpu-blocks-override: fixed block count (tests)
+    kv_transfer: KVTransferConfig | None = None  # --kv-transfer-config: disaggregated prefill/decode
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int = 2048
+    policy: str = "fcfs"  # "fcfs" | "priority"
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    num_threads: int | None = None  # torch intra-op threads per worker; None = OMP_NUM_THREADS or torch's default
+    distributed_init_port: int = 0  # 0 = pick a free port at start-up
+    distributed_executor_backend: str = "mp"  # "mp": local worker processes | "ray": Ray actors (multi-node)
+    data_parallel_size: int = 1  # engine cores behind the same frontends
+    data_parallel_rank: int = 0  # this engine core's rank; rank 0 is the one frontends contact first
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    api_server_count: int = 1
+    uvicorn_log_level: str = "warning"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -143,7 +144,6 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     engine_address: str = ""  # ZeroMQ address frontends connect to, e.g. ipc:///tmp/conveyor-xyz/engine
     dp_master_address: str = ""  # data-parallel rank > 0: rank 0's engine_address, where this core registers
-    kv_transfer: KVTransferConfig | None = None  # disaggregated prefill/decode
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

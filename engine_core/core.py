@@ -23,6 +23,7 @@ import zmq
 
 from engine_core.config import EngineConfig
 from engine_core.executor import EngineDeadError, Executor
+from engine_core.kv_transfer import KVConnectorScheduler
 from engine_core.process_utils import configure_logging, become_child_process
 from engine_core.model_info import describe_model
 from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutput, EngineCoreOutputs,
@@ -179,13 +180,25 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self._config = config
         self._executor = Executor(config)
-        self._scheduler = Scheduler(config.scheduler, config.cache, self._executor.num_blocks)
+        self._scheduler = Scheduler(config.scheduler, config.cache, self._executor.num_blocks,
+                                    *self._kv_connector(config))
         self._context = zmq.Context()
         self._io = FrontendIO(self._context, config.engine_address, self._engine_info(config))
         if config.dp_master_address:
             self._register_with_master(config)
         self._stats_logger = StatsLogger()
         self._running = True
+
+    @staticmethod
+    def _kv_connector(config: EngineConfig) -> tuple[KVConnectorScheduler | None, str]:
+        kv_transfer = config.cache.kv_transfer
+        if kv_transfer is None:
+            return None, "recompute"
+        logger.info("KV transfer: %s as %s (engine id %s)", kv_transfer.kv_connector, kv_transfer.kv_role,
+                    kv_transfer.engine_id)
+        connector = KVConnectorScheduler(kv_transfer, config.cache.block_size, config.parallel.data_parallel_rank,
+                                         config.parallel.tensor_parallel_size)
+        return connector, kv_transfer.kv_load_failure_policy
 
     @staticmethod
     def _engine_info(config: EngineConfig) -> EngineInfo | None:
@@ -209,9 +222,13 @@ class EngineCore:
     def run(self) -> None:
         """The busy loop. Blocks for input only when there is nothing to run."""
         while self._running:
+            self._scheduler.expire_kv_leases(time.time())
             idle = not self._scheduler.has_work_for_workers()
-            self._process_inputs(self._take_inputs(block=idle))
-            outputs_by_client = self._step() if self._scheduler.has_work_for_workers() else {}
+            # KV transfers in flight: the workers report progress only when asked, so ask again soon.
+            transfer_poll_s = self._scheduler.transfer_poll_interval()
+            self._process_inputs(self._take_inputs(timeout_s=(transfer_poll_s or HEARTBEAT_INTERVAL_S) if idle else 0))
+            run_step = self._scheduler.has_work_for_workers() or transfer_poll_s is not None
+            outputs_by_client = self._step() if run_step else {}
             stats = self._scheduler.make_stats()
             for client_index, outputs in outputs_by_client.items():
                 self._io.send(client_index, EngineCoreOutputs(outputs=outputs, scheduler_stats=stats))
@@ -219,11 +236,12 @@ class EngineCore:
             self._stats_logger.record(stats, sum(len(output.new_token_ids) for outputs in outputs_by_client.values()
                                                  for output in outputs))
 
-    def _take_inputs(self, block: bool) -> list[FrontendMessage]:
+    def _take_inputs(self, timeout_s: float) -> list[FrontendMessage]:
+        """Everything queued; waits up to `timeout_s` for the first message when nothing is queued."""
         messages: list[FrontendMessage] = []
-        if block:
+        if timeout_s > 0:
             try:
-                messages.append(self._io.inputs.get(timeout=HEARTBEAT_INTERVAL_S))
+                messages.append(self._io.inputs.get(timeout=timeout_s))
             except queue.Empty:
                 self._executor.check_alive()
                 return messages

@@ -198,6 +198,22 @@ class KVConnectorOutput(msgspec.Struct, **_WIRE):
     failed_recving: dict[str, str] = {}  # request id -> why
 
 
+class KVPullRequest(msgspec.Struct, **_WIRE):
+    """Consumer worker -> producer worker (ZmqPullConnector side channel): send me these blocks' KV."""
+
+    engine_id: str
+    request_id: str
+    block_ids: list[int]
+
+
+class KVPullResponse(msgspec.Struct, **_WIRE):
+    """The answer's first frame; then one frame per layer: `[2, len(block_ids), block_size, heads, head_dim]`."""
+
+    error: Union[str, None] = None
+    dtype: str = ""
+    layer_shape: list[int] = []
+
+
 # --------------------------------------------------------------------------- core -> workers
 
 
@@ -286,3 +302,5 @@ engine_outputs_encoder = msgspec.msgpack.Encoder()
 engine_outputs_decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
 core_to_worker_decoder = msgspec.msgpack.Decoder(CoreToWorker)
 worker_to_core_decoder = msgspec.msgpack.Decoder(WorkerToCore)
+kv_pull_request_decoder = msgspec.msgpack.Decoder(KVPullRequest)
+kv_pull_response_decoder = msgspec.msgpack.Decoder(KVPullResponse)

@@ -14,6 +14,7 @@ samples one more token, so a decoding request always sits exactly one token behi
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from engine_core.block_hash import BlockHash
 from engine_core.protocol import EngineCoreRequest, SamplingParams
@@ -21,6 +22,7 @@ from engine_core.protocol import EngineCoreRequest, SamplingParams
 
 class RequestStatus(enum.IntEnum):
     WAITING = enum.auto()
+    WAITING_FOR_REMOTE_KV = enum.auto()  # blocks allocated; a KV connector is filling them from another instance
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
     # Everything from here on is finished (see `is_finished`).
@@ -60,6 +62,7 @@ class Request:
         priority: int = 0,
         cache_salt: str | None = None,
         client_index: int = 0,
+        kv_transfer_params: dict[str, Any] | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -71,6 +74,8 @@ class Request:
         self.priority = priority
         self.cache_salt = cache_salt
         self.client_index = client_index
+        self.kv_transfer_params = kv_transfer_params  # from the client (see engine_core/kv_transfer.py)
+        self.kv_transfer_params_out: dict[str, Any] | None = None  # for the response: a producer's hand-off
 
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
@@ -96,6 +101,7 @@ class Request:
             priority=req.priority,
             cache_salt=req.cache_salt,
             client_index=req.client_index,
+            kv_transfer_params=req.kv_transfer_params,
         )
 
     @property

@@ -14,16 +14,19 @@ preemption are the same thing: "run the next min(remaining, budget) tokens". A s
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine_core.config import CacheConfig, SchedulerConfig
 from engine_core.kv_cache import KVCacheBlock, KVCacheManager
+from engine_core.kv_transfer import KVConnectorScheduler
 from engine_core.protocol import (
     CachedRequestData,
     EngineCoreOutput,
     EngineCoreRequest,
+    KVConnectorOutput,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
@@ -32,6 +35,8 @@ from engine_core.protocol import (
 )
 from engine_core.request import Request, RequestStatus, check_stop
 from engine_core.request_queue import make_request_queue
+
+logger = logging.getLogger("conveyor.scheduler")
 
 _NO_SAMPLE = "the worker returned no sampled token for a request whose tokens were all computed"
 
@@ -64,8 +69,15 @@ class _StepPlan:
 class Scheduler:
     """Continuous batching over a paged KV cache with prefix caching, chunked prefill and preemption."""
 
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+                 kv_connector: KVConnectorScheduler | None = None, kv_load_failure_policy: str = "recompute") -> None:
         self.config = scheduler_config
+        self.kv_connector = kv_connector
+        self.kv_load_failure_policy = kv_load_failure_policy
+        # Requests whose KV a connector is loading (status WAITING_FOR_REMOTE_KV), and finished ones whose
+        # blocks must wait for the workers' load to end before they can be reused.
+        self.loading: dict[str, Request] = {}
+        self._abandoned_loads: dict[str, Request] = {}
         self.kv_cache = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         # A request may never outgrow the whole cache: past that it would preempt itself forever.
         self.max_len = min(scheduler_config.max_model_len, self.kv_cache.capacity_tokens)
@@ -77,6 +89,9 @@ class Scheduler:
         self._num_scheduled_reqs = 0
         self._max_reqs_in_step = 0
         self._num_preemptions = 0
+        self._prompt_tokens_computed = 0
+        self._prompt_tokens_transferred = 0
+        self._num_kv_transfers_failed = 0
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -101,7 +116,31 @@ class Scheduler:
         return bool(self.requests)
 
     def has_work_for_workers(self) -> bool:
-        return bool(self.requests) or bool(self._finished_ids_for_workers)
+        """Something to schedule, or news the workers must hear now."""
+        pending_metadata = self.kv_connector is not None and self.kv_connector.has_pending_metadata()
+        return bool(self.running or self.waiting or self._finished_ids_for_workers) or pending_metadata
+
+    def transfer_poll_interval(self) -> float | None:
+        """How soon to ask the workers again about KV transfers in flight (they report with each step's answer);
+        None when none are in flight."""
+        if self.loading or self._abandoned_loads:
+            return 0.005
+        if self.kv_connector is not None and self.kv_connector.held:
+            return 0.05
+        return None
+
+    def expire_kv_leases(self, now: float) -> None:
+        """Free the blocks of prefills nobody pulled within their lease."""
+        if self.kv_connector is not None and self.kv_connector.held:
+            for request in self.kv_connector.expired(now):
+                self.kv_cache.free(request)
+
+    def _hold_for_transfer(self, request: Request, status: RequestStatus) -> bool:
+        """A prefill that ended normally and that a decode instance will continue keeps its blocks."""
+        if self.kv_connector is None or status not in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            return False
+        request.kv_transfer_params_out = self.kv_connector.request_finished(request)
+        return request.kv_transfer_params_out is not None
 
     def _validate(self, req: EngineCoreRequest) -> str | None:
         num_prompt_tokens = len(req.prompt_token_ids)
@@ -118,13 +157,18 @@ class Scheduler:
         return None
 
     def _finish(self, request: Request, status: RequestStatus, stop_reason: int | str | None = None) -> None:
-        """Retire a request: leave the queues, free its blocks now, tell the workers next step, forget it."""
+        """Retire a request: leave the queues, free its blocks (unless a KV transfer still needs them), tell the
+        workers next step, forget it."""
         assert status.is_finished
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
+        elif request.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+            del self.loading[request.request_id]
+            self._abandoned_loads[request.request_id] = request  # freed once the workers' load has ended
         else:
             self.waiting.remove([request])
-        self.kv_cache.free(request)
+        if request.status != RequestStatus.WAITING_FOR_REMOTE_KV and not self._hold_for_transfer(request, status):
+            self.kv_cache.free(request)
         request.status = status
         request.stop_reason = stop_reason
         if request.num_tokens_known_to_worker:
@@ -179,6 +223,10 @@ class Scheduler:
     def _try_start(self, request: Request, plan: _StepPlan) -> bool:
         """Start `request` (the queue head) from its cached prefix; False (nothing changed) if it does not fit."""
         computed_blocks, num_cached_tokens = self.kv_cache.get_computed_blocks(request)
+        if self.kv_connector is not None and request.status == RequestStatus.WAITING:
+            num_external_tokens = self.kv_connector.num_external_tokens(request, num_cached_tokens)
+            if num_external_tokens:
+                return self._start_loading(request, computed_blocks, num_cached_tokens, num_external_tokens)
         num_new_tokens = request.num_tokens - num_cached_tokens
         # Without chunked prefill a prompt runs whole, unless it could never fit even in an empty step.
         if not self.config.enable_chunked_prefill and num_new_tokens > plan.token_budget and plan.scheduled:
@@ -196,6 +244,55 @@ class Scheduler:
         self.running.append(request)
         plan.add(request, num_new_tokens, new_block_ids)
         return True
+
+    def _start_loading(self, request: Request, computed_blocks: list[KVCacheBlock], num_cached_tokens: int,
+                       num_external_tokens: int) -> bool:
+        """Allocate blocks for the prompt KV another instance holds and have the workers fetch it. Takes no
+        token budget: the request computes nothing until the KV has arrived."""
+        assert self.kv_connector is not None
+        if self.kv_cache.allocate_slots(request, num_external_tokens, computed_blocks) is None:
+            return False
+        started = self.waiting.pop()
+        assert started is request, (started, request)
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        request.num_computed_tokens = num_cached_tokens
+        request.num_cached_tokens = num_cached_tokens
+        self.kv_connector.start_load(request, num_local_blocks=len(computed_blocks))
+        self.loading[request.request_id] = request
+        return True
+
+    def _finish_loads(self, kv_output: KVConnectorOutput) -> list[Request]:
+        """Loaded requests join the running batch from their last prompt token (recomputed for its logits);
+        failed ones follow the kv_load_failure_policy. Returns the requests that failed for good."""
+        for request_id in [*kv_output.finished_recving, *kv_output.failed_recving]:
+            if (abandoned := self._abandoned_loads.pop(request_id, None)) is not None:
+                self.kv_cache.free(abandoned)
+        failed = []
+        for request_id in kv_output.finished_recving:
+            if (request := self.loading.pop(request_id, None)) is not None:
+                num_loaded = min(len(request.block_ids) * self.kv_cache.block_size, request.num_prompt_tokens)
+                num_usable = min(num_loaded, request.num_tokens - 1)  # the last token runs here for its logits
+                self._prompt_tokens_transferred += num_usable - request.num_computed_tokens
+                request.num_computed_tokens = num_usable
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+        for request_id, reason in kv_output.failed_recving.items():
+            if (request := self.loading.pop(request_id, None)) is not None:
+                self._num_kv_transfers_failed += 1
+                self.kv_cache.free(request)
+                if self.kv_load_failure_policy == "fail":
+                    request.status, request.stop_reason = (RequestStatus.FINISHED_ERROR,
+                                                           f"KV transfer from the prefill instance failed: {reason}")
+                    del self.requests[request_id]
+                    failed.append(request)
+                else:  # recompute: forget the transfer and compute the prompt here, first in line
+                    logger.warning("request %s: loading its KV failed (%s); computing the prompt here",
+                                   request_id, reason)
+                    request.kv_transfer_params = None
+                    request.num_computed_tokens = 0
+                    request.status = RequestStatus.PREEMPTED
+                    self.waiting.add_preempted(request)
+        return failed
 
     def _allocate_for_waiting(self, request: Request, num_new_tokens: int,
                               computed_blocks: list[KVCacheBlock], plan: _StepPlan) -> list[int] | None:
@@ -237,7 +334,9 @@ class Scheduler:
                     request.request_id, request.take_unsent_token_ids(), plan.new_block_ids[request.request_id],
                     request.num_computed_tokens))
         finished_ids, self._finished_ids_for_workers = self._finished_ids_for_workers, []
-        return SchedulerOutput(new_requests, cached_requests, dict(plan.num_scheduled_tokens), finished_ids)
+        metadata = self.kv_connector.take_metadata() if self.kv_connector is not None else None
+        return SchedulerOutput(new_requests, cached_requests, dict(plan.num_scheduled_tokens), finished_ids,
+                               metadata)
 
     def _record_step(self, plan: _StepPlan) -> None:
         if plan.scheduled:
@@ -254,6 +353,7 @@ class Scheduler:
         Returns outputs grouped by `client_index`. A request aborted while the step ran is skipped.
         """
         outputs: dict[int, list[EngineCoreOutput]] = defaultdict(list)
+        self._apply_kv_connector_output(runner_output.kv_connector_output, outputs)
         if runner_output.error is not None:
             self._fail_step(scheduler_output, runner_output.error, outputs)
             return dict(outputs)
@@ -262,6 +362,8 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
+            self._prompt_tokens_computed += max(0, min(request.num_computed_tokens + num_tokens,
+                                                       request.num_prompt_tokens) - request.num_computed_tokens)
             request.num_computed_tokens += num_tokens
             self.kv_cache.cache_full_blocks(request)
             # Only a step that brought the request level samples; a mid-prefill chunk has nothing to report.
@@ -276,6 +378,15 @@ class Scheduler:
             logprobs = runner_output.logprobs[i] if i is not None and i < len(runner_output.logprobs) else None
             outputs[request.client_index].append(self._append_sampled(request, token_ids, logprobs))
         return dict(outputs)
+
+    def _apply_kv_connector_output(self, kv_output: KVConnectorOutput | None,
+                                   outputs: dict[int, list[EngineCoreOutput]]) -> None:
+        if kv_output is None or self.kv_connector is None:
+            return
+        for request in self.kv_connector.take_sent(kv_output):
+            self.kv_cache.free(request)
+        for request in self._finish_loads(kv_output):
+            outputs[request.client_index].append(self._make_output(request, []))
 
     def _append_sampled(self, request: Request, token_ids: list[int],
                         logprobs: list[TokenLogprobs] | None) -> EngineCoreOutput:
@@ -295,7 +406,8 @@ class Scheduler:
                      logprobs: list[TokenLogprobs] | None = None) -> EngineCoreOutput:
         return EngineCoreOutput(
             request.request_id, token_ids, new_logprobs=logprobs, finish_reason=request.status.finish_reason,
-            stop_reason=request.stop_reason, num_cached_tokens=max(0, request.num_cached_tokens))
+            stop_reason=request.stop_reason, num_cached_tokens=max(0, request.num_cached_tokens),
+            kv_transfer_params=request.kv_transfer_params_out)
 
     def _fail_step(self, scheduler_output: SchedulerOutput, message: str,
                    outputs: dict[int, list[EngineCoreOutput]]) -> None:
@@ -321,6 +433,10 @@ class Scheduler:
             num_scheduled_reqs=self._num_scheduled_reqs,
             max_reqs_in_step=self._max_reqs_in_step,
             num_preemptions=self._num_preemptions,
+            prompt_tokens_computed=self._prompt_tokens_computed,
+            prompt_tokens_transferred=self._prompt_tokens_transferred,
+            num_kv_transfers_failed=self._num_kv_transfers_failed,
+            num_blocks_held_for_transfer=self.kv_connector.num_held_blocks if self.kv_connector is not None else 0,
         )
 
     def check_integrity(self) -> None:
@@ -336,5 +452,7 @@ class Scheduler:
             assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED), request
             assert not request.block_ids and request.num_computed_tokens == 0, request
             assert request.num_tokens_known_to_worker == 0, request
-        queued = [r.request_id for r in self.running] + [r.request_id for r in self.waiting]
+        for request in self.loading.values():
+            assert request.status == RequestStatus.WAITING_FOR_REMOTE_KV and request.block_ids, request
+        queued = [r.request_id for r in self.running] + [r.request_id for r in self.waiting] + list(self.loading)
         assert sorted(queued) == sorted(self.requests), (queued, list(self.requests))

@@ -9,6 +9,7 @@ One `ChoiceState` per engine request (per choice). Text is emitted only when it 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenizers.decoders import DecodeStream
 
@@ -90,6 +91,7 @@ class ChoiceState:
     num_sent_chars: int = 0
     token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer for the decode instance
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -108,6 +110,8 @@ class ChoiceState:
         if output.finish_reason == "error":
             raise engine_error(str(output.stop_reason or "the engine failed the request"))
         self.num_cached_tokens = max(self.num_cached_tokens, output.num_cached_tokens)
+        if output.kv_transfer_params is not None:
+            self.kv_transfer_params = output.kv_transfer_params
         records: list[TokenRecord] = []
         stop_token = output.finish_reason == "stop" and isinstance(output.stop_reason, int)
         last = len(output.new_token_ids) - 1

@@ -41,7 +41,8 @@ def make_choices(frontend: FrontendState, request: SamplingRequest, request_id: 
             engine_request = EngineCoreRequest(
                 request_id=f"{request_id}-{index}", prompt_token_ids=prompt_token_ids, sampling_params=params,
                 eos_token_id=frontend.eos.eos_token_id, arrival_time=arrival_time, priority=request.priority,
-                cache_salt=request.cache_salt, client_index=frontend.engine.client_index)
+                cache_salt=request.cache_salt, client_index=frontend.engine.client_index,
+                kv_transfer_params=request.kv_transfer_params)
             detokenizer = IncrementalDetokenizer(frontend.tokenizer, prompt_token_ids, request.skip_special_tokens)
             state = ChoiceState(index=index, request_id=engine_request.request_id, prompt_index=prompt_index,
                                 detokenizer=detokenizer, stop=request.stop_strings,
@@ -79,6 +80,12 @@ async def run_choices(frontend: FrontendState, choices: list[Choice]) -> AsyncIt
         if delta.index in held:
             delta.tokens = held.pop(delta.index) + delta.tokens
         yield delta
+
+
+def kv_transfer_params(choices: list[Choice]) -> dict[str, object]:
+    """`{"kv_transfer_params": ...}` for a response body when a prefill instance returned some, else {}."""
+    params = next((choice.state.kv_transfer_params for choice in choices if choice.state.kv_transfer_params), None)
+    return {} if params is None else {"kv_transfer_params": params}
 
 
 def usage(choices: list[Choice]) -> dict[str, object]:

@@ -55,6 +55,15 @@ class SamplingRequest(OpenAIModel):
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     cache_salt: Optional[str] = None
+    kv_transfer_params: Optional[dict[str, Any]] = None  # disaggregated prefill/decode (see scripts/disagg_proxy.py)
+
+    @field_validator("kv_transfer_params")
+    @classmethod
+    def _one_choice_per_transfer(cls, params: Optional[dict[str, Any]],
+                                 info: ValidationInfo) -> Optional[dict[str, Any]]:
+        if params is not None and info.data.get("n", 1) != 1:
+            raise ValueError("kv_transfer_params needs n == 1 (one prompt KV hand-off per request)")
+        return params
     priority: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False

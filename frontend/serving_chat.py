@@ -11,7 +11,7 @@ from starlette.requests import Request
 from frontend.chat_template import ChatTemplateError, ContentFormat
 from frontend.detokenizer import TokenRecord
 from frontend.errors import APIError, BadRequestError, error_event
-from frontend.generation import Choice, make_choices, run_choices, usage
+from frontend.generation import Choice, kv_transfer_params, make_choices, run_choices, usage
 from frontend.logprobs import chat_logprobs
 from frontend.protocol import ChatCompletionRequest, ChatMessage, ChatTemplateFields
 from frontend.sampling import check_context_length, default_max_tokens
@@ -95,7 +95,7 @@ class ChatServing:
             **({"token_ids": choice.state.token_ids} if request.return_token_ids else {}),
         } for choice in choices]
         body = {**header, "object": "chat.completion", "choices": body_choices, "usage": usage(choices),
-                "system_fingerprint": None}
+                "system_fingerprint": None, **kv_transfer_params(choices)}
         if request.return_token_ids:
             body["prompt_token_ids"] = choices[0].prompt_token_ids
         return body

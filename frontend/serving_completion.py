@@ -10,7 +10,7 @@ from starlette.requests import Request
 
 from frontend.detokenizer import TokenRecord
 from frontend.errors import APIError, BadRequestError, error_event
-from frontend.generation import Choice, make_choices, run_choices, usage
+from frontend.generation import Choice, kv_transfer_params, make_choices, run_choices, usage
 from frontend.logprobs import completion_logprobs
 from frontend.protocol import CompletionRequest
 from frontend.sampling import check_context_length, check_token_ids, default_max_tokens
@@ -98,7 +98,7 @@ class CompletionServing:
                 body_choice.update(prompt_token_ids=choice.prompt_token_ids, token_ids=state.token_ids)
             body_choices.append(body_choice)
         return {**header, "object": "text_completion", "choices": body_choices, "usage": usage(choices),
-                "system_fingerprint": None}
+                "system_fingerprint": None, **kv_transfer_params(choices)}
 
     async def _stream(self, request: CompletionRequest, choices: list[Choice], header: dict[str, Any],
                       echo_texts: list[str]) -> AsyncIterator[str]:

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from engine_core.config import CacheConfig, ModelConfig
-from engine_core.protocol import ModelRunnerOutput, NewRequestData, SchedulerOutput, TokenLogprobs
+from engine_core.protocol import (KVConnectorOutput, ModelRunnerOutput, NewRequestData, SchedulerOutput,
+                                  TokenLogprobs)
 from workers.attention import AttentionMetadata, build_attention_metadata
 from workers.kv_cache_alloc import allocate_kv_caches, kv_cache_bytes_per_block
+from workers.kv_connector.base import KVConnectorWorker
 from workers.loader import load_hf_config
 from workers.models import build_model
 from workers.sampler import RequestSamplingState, Sampler, make_sampling_state
@@ -71,6 +73,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, _RequestState] = {}
+        self.kv_connector: KVConnectorWorker | None = None  # disaggregated prefill/decode, set by the worker
 
     # ------------------------------------------------------------------ KV cache sizing
 
@@ -131,9 +134,12 @@ class ModelRunner:
         """Apply the step's diffs to the request states, run the forward pass, sample (rank 0)."""
         assert self.kv_caches, "initialize_cache must run before the first step"
         self._update_states(scheduler_output)
+        if self.kv_connector is not None:
+            self.kv_connector.apply(scheduler_output.kv_connector_metadata)
         request_ids = list(scheduler_output.num_scheduled_tokens)
         if not request_ids:
-            return ModelRunnerOutput(request_ids=[], sampled_token_ids=[], logprobs=[])
+            return ModelRunnerOutput(request_ids=[], sampled_token_ids=[], logprobs=[],
+                                     kv_connector_output=self._kv_connector_output(), rank=self.tp_rank)
         inputs = self._prepare_inputs(request_ids, scheduler_output.num_scheduled_tokens)
         hidden = self.model(inputs.input_ids, inputs.metadata.positions, self.kv_caches,
                             inputs.metadata)  # [num_tokens, hidden]
@@ -143,7 +149,11 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))  # [S, vocab] float32
             if self.tp_rank == 0:
                 self._sample(request_ids, inputs.sampling_reqs, logits, sampled, logprobs)
-        return ModelRunnerOutput(request_ids=request_ids, sampled_token_ids=sampled, logprobs=logprobs)
+        return ModelRunnerOutput(request_ids=request_ids, sampled_token_ids=sampled, logprobs=logprobs,
+                                 kv_connector_output=self._kv_connector_output(), rank=self.tp_rank)
+
+    def _kv_connector_output(self) -> KVConnectorOutput | None:
+        return self.kv_connector.collect() if self.kv_connector is not None else None
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for request_id in scheduler_output.finished_request_ids:

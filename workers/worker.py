@@ -6,7 +6,9 @@ bytes to each) and runs the forward pass; rank 0 samples and answers with a `Mod
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,8 +39,12 @@ class WorkerAddresses:
 
 
 def run_worker(model_config: ModelConfig, cache_config: CacheConfig, parallel_config: ParallelConfig,
-               rank: int, addresses: WorkerAddresses) -> None:
-    """Process entry point (multiprocessing spawn target)."""
+               rank: int, addresses: WorkerAddresses, local_device_index: int | None = None,
+               in_ray_actor: bool = False) -> None:
+    """Process entry point (multiprocessing spawn target), or the body of a Ray actor's method (Ray executor).
+
+    `local_device_index`: the CUDA device this rank uses among the visible ones (default: `rank`); Ray actors
+    see only their own node's GPUs. `in_ray_actor`: return instead of ending the process (Ray kills the actor)."""
     become_child_process(f"conveyor-w{rank}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the core shuts us down
     configure_logging(f"worker{rank}")
@@ -46,30 +52,42 @@ def run_worker(model_config: ModelConfig, cache_config: CacheConfig, parallel_co
     results = context.socket(zmq.PUSH)
     results.connect(addresses.output_address)
     encoder = msgspec.msgpack.Encoder()
+    steps: zmq.Socket[bytes] | None = None
     try:
-        runner = _start_runner(model_config, cache_config, parallel_config, rank, addresses)
+        runner = _start_runner(model_config, cache_config, parallel_config, rank, addresses,
+                               rank if local_device_index is None else local_device_index)
         results.send(encoder.encode(WorkerReady(rank=rank, num_blocks=runner.determine_num_blocks(),
                                                 device=str(runner.device))))
         steps = context.socket(zmq.PULL)
         steps.connect(addresses.input_address)
-        _serve(runner, steps, results, encoder, rank)
+        _serve(runner, steps, results, encoder, rank, cache_config, parallel_config)
     except Exception as exc:  # report, then exit: the core turns this into a dead-engine sentinel
         logger.error("worker %d failed:\n%s", rank, traceback.format_exc())
         results.send(encoder.encode(WorkerFailure(rank=rank, message=f"{type(exc).__name__}: {exc}")))
     finally:
+        if steps is not None:  # every socket must be closed, or context.term() blocks until the core kills us
+            steps.close(linger=0)
         results.close(linger=1000)
         context.term()
+    logger.info("worker %d stopped", rank)
+    if parallel_config.tensor_parallel_size > 1 and not in_ray_actor:
+        # Skip interpreter teardown: gloo's (and NCCL's) destructors can SIGABRT ("terminate called ...") a rank
+        # whose peer exited first. Nothing is left to release: the sockets are closed and the peers go too.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _start_runner(model_config: ModelConfig, cache_config: CacheConfig, parallel_config: ParallelConfig,
-                  rank: int, addresses: WorkerAddresses) -> ModelRunner:
+                  rank: int, addresses: WorkerAddresses, device_index: int) -> ModelRunner:
     import torch
 
     from workers.model_runner import ModelRunner
 
     if parallel_config.num_threads:
         torch.set_num_threads(parallel_config.num_threads)
-    device = _choose_device(parallel_config.device, rank)
+    device = _choose_device(parallel_config.device, device_index)
     if parallel_config.tensor_parallel_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, init_method=addresses.distributed_init_method,
@@ -81,35 +99,46 @@ def _start_runner(model_config: ModelConfig, cache_config: CacheConfig, parallel
                        tp_size=parallel_config.tensor_parallel_size)
 
 
-def _choose_device(requested: str, rank: int) -> torch.device:
+def _choose_device(requested: str, index: int) -> torch.device:
     import torch
 
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
-        torch.cuda.set_device(rank)
-        return torch.device("cuda", rank)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(requested)
 
 
 def _serve(runner: ModelRunner, steps: zmq.Socket[bytes], results: zmq.Socket[bytes],
-           encoder: msgspec.msgpack.Encoder, rank: int) -> None:
-    """Run steps until Shutdown. A failing step is answered with an error so only its requests fail."""
-    while True:
-        message = core_to_worker_decoder.decode(steps.recv())
-        if isinstance(message, Shutdown):
-            return
-        if isinstance(message, InitializeCache):
-            runner.initialize_cache(message.num_blocks)
-            logger.info("KV cache: %d blocks", message.num_blocks)
-            continue
-        assert isinstance(message, SchedulerOutput)
-        try:
-            output = runner.execute(message)
-        except Exception as exc:
-            logger.error("step failed:\n%s", traceback.format_exc())
-            output = ModelRunnerOutput(request_ids=[], sampled_token_ids=[], logprobs=[],
-                                       error=f"{type(exc).__name__}: {exc}")
-        if rank == 0:
-            results.send(encoder.encode(output))
+           encoder: msgspec.msgpack.Encoder, rank: int, cache_config: CacheConfig,
+           parallel_config: ParallelConfig) -> None:
+    """Run steps until Shutdown. A failing step is answered with an error so only its requests fail.
 
+    Every rank answers every step: rank 0 with the samples, all with their KV-transfer progress (a transfer is
+    done only when every rank has done its share) and any error."""
+    try:
+        while True:
+            message = core_to_worker_decoder.decode(steps.recv())
+            if isinstance(message, Shutdown):
+                return
+            if isinstance(message, InitializeCache):
+                runner.initialize_cache(message.num_blocks)
+                logger.info("KV cache: %d blocks", message.num_blocks)
+                if cache_config.kv_transfer is not None:
+                    from workers.kv_connector import make_kv_connector
+
+                    runner.kv_connector = make_kv_connector(cache_config.kv_transfer, parallel_config, rank,
+                                                            runner.kv_caches)
+                continue
+            assert isinstance(message, SchedulerOutput)
+            try:
+                output = runner.execute(message)
+            except Exception as exc:
+                logger.error("step failed:\n%s", traceback.format_exc())
+                output = ModelRunnerOutput(request_ids=[], sampled_token_ids=[], logprobs=[],
+                                           error=f"{type(exc).__name__}: {exc}", rank=rank)
+            results.send(encoder.encode(output))
+    finally:
+        if runner.kv_connector is not None:
+            runner.kv_connector.close()
