@@ -29,6 +29,8 @@ def serve(args: argparse.Namespace) -> int:
     from engine_core.core import run_engine_core
 
     configure_logging("launcher")
+    if not args.headless:
+        _check_port_free(args.host, args.port)  # before the minutes a model load can take
     base_config, _ = engine_config_from_args(args, engine_address="")
     plan = plan_data_parallel(args, base_config)
     stop = _stop_on_signals()
@@ -67,6 +69,7 @@ def run_frontends(args: argparse.Namespace) -> int:
     from frontend.engine_handshake import random_client_index
 
     configure_logging("launcher")
+    _check_port_free(args.host, args.port)
     stop = _stop_on_signals()
     spawn = multiprocessing.get_context("spawn")
     # Frontends started on their own pick random routing ids: several hosts' frontends share one engine.
@@ -79,6 +82,18 @@ def run_frontends(args: argparse.Namespace) -> int:
         return _supervise([], frontends, stop)
     finally:
         _stop_all(frontends)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Our frontends share their port with SO_REUSEPORT, which would also let them share it with another server
+    already there: refuse that, as a plain bind would."""
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(f"cannot serve on {host}:{port}: {exc.strerror} (another server is using it?)") from None
 
 
 def _stop_on_signals() -> threading.Event:
