@@ -58,7 +58,7 @@ class KVConnectorScheduler:
         if not self.config.is_consumer or not params or not params.get("do_remote_prefill"):
             return 0
         try:
-            num_remote = min(int(params["remote_num_tokens"]), request.num_prompt_tokens)
+            num_remote = self.num_remote_tokens(request)
             num_blocks = len(params["remote_block_ids"])
         except (KeyError, TypeError, ValueError):
             logger.warning("request %s: incomplete kv_transfer_params %s; computing the prompt here",
@@ -70,11 +70,16 @@ class KVConnectorScheduler:
             return 0
         return max(0, num_remote - num_local_cached_tokens)
 
+    def num_remote_tokens(self, request: Request) -> int:
+        """Leading prompt tokens whose KV the producer holds (all of the request's remote blocks cover them)."""
+        params = request.kv_transfer_params or {}
+        return min(int(params["remote_num_tokens"]), request.num_prompt_tokens)
+
     def start_load(self, request: Request, num_local_blocks: int) -> None:
         """Blocks are allocated: ask the workers to fill those after the local prefix with the remote KV."""
         params = request.kv_transfer_params or {}
         remote_block_ids = [int(b) for b in params["remote_block_ids"]]
-        num_remote = min(int(params["remote_num_tokens"]), request.num_prompt_tokens)
+        num_remote = self.num_remote_tokens(request)
         num_blocks = -(-num_remote // self.block_size)
         self._pending.loads.append(KVLoad(
             request_id=request.request_id,

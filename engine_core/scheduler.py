@@ -214,8 +214,10 @@ class Scheduler:
         return self.running[-1]  # fcfs: the most recently started
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
-        """Start waiting requests in policy order while budget, seats and blocks allow."""
-        while self.waiting and plan.token_budget > 0 and len(self.running) < self.config.max_num_seqs:
+        """Start waiting requests in policy order while budget, seats and blocks allow. A request loading its KV
+        holds a seat: once loaded it joins the running batch directly."""
+        while (self.waiting and plan.token_budget > 0
+               and len(self.running) + len(self.loading) < self.config.max_num_seqs):
             request = self.waiting.peek()
             if request.request_id in plan.preempted_ids or not self._try_start(request, plan):
                 break
@@ -270,7 +272,9 @@ class Scheduler:
         failed = []
         for request_id in kv_output.finished_recving:
             if (request := self.loading.pop(request_id, None)) is not None:
-                num_loaded = min(len(request.block_ids) * self.kv_cache.block_size, request.num_prompt_tokens)
+                assert self.kv_connector is not None
+                # Only what the producer had: its last block may be partial and the prompt may go on past it.
+                num_loaded = self.kv_connector.num_remote_tokens(request)
                 num_usable = min(num_loaded, request.num_tokens - 1)  # the last token runs here for its logits
                 self._prompt_tokens_transferred += num_usable - request.num_computed_tokens
                 request.num_computed_tokens = num_usable

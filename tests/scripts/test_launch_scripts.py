@@ -1,7 +1,8 @@
 """scripts/launch_node.sh for real on the tiny Llama, and scripts/launch_disagg.sh's command lines (--dry-run).
 
-The disaggregated set-up's real run is tested with the engine's KV transfer; here its argument handling is
-checked through the exact commands it prints, including that `conveyor serve` accepts them.
+launch_disagg.sh's argument handling is checked through the exact commands it prints, including that
+`conveyor serve` accepts them; one real run on the tiny Llama checks that the KV really travels from its prefill
+instance to its decode instance and that SIGTERM leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
 import openai
 import pytest
 
@@ -273,3 +275,59 @@ def test_disagg_stops_everything_when_an_instance_fails(tmp_path: Path) -> None:
     finally:
         for pid in session_pids(process.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def _metric_sum(base_url: str, name: str) -> float:
+    """Sum over label sets of a Prometheus sample `name{...}` (or `name`) at base_url/metrics."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10.0).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") or line.startswith(f"{name} "):
+            total += float(line.rpartition(" ")[2])
+    return total
+
+
+def test_disagg_serves_through_the_proxy_with_transferred_kv(tiny_models: Path, tmp_path: Path) -> None:
+    """The whole one-machine set-up for real: the decode instance takes the prompt KV from the prefill instance
+    (its prompt_tokens_transferred grows), SIGTERM stops all of it."""
+    port, prefill_port, decode_port = free_port(), free_port(), free_port()
+    process = subprocess.Popen(
+        [str(LAUNCH_DISAGG), str(tiny_models / "llama"), "--served-model-name", "tiny", "--kv-cache-memory",
+         "64MiB", "--max-model-len", "512"],
+        env=script_env(PORT=str(port), PREFILL_PORT=str(prefill_port), DECODE_PORT=str(decode_port),
+                       PREFILL_KV_PORT=str(free_port()), LOG_DIR=str(tmp_path), API_SERVERS="1",
+                       OMP_NUM_THREADS="1", HEALTH_TIMEOUT="300"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proxy_url, decode_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{decode_port}"
+    try:
+        reader = LineReader(process)
+        ready = reader.wait_for("launch_disagg: ready at", timeout_s=600)  # the instances print their own
+        assert f"http://127.0.0.1:{port}/v1" in ready
+        assert httpx.get(f"{proxy_url}/health", timeout=10.0).status_code == 200
+        before = _metric_sum(decode_url, "conveyor:prompt_tokens_transferred")
+        client = openai.OpenAI(base_url=f"{proxy_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        completion = client.completions.create(
+            model="tiny", prompt="Once upon a time, in a small village by the sea, there lived a fisherman who",
+            max_tokens=6, temperature=0)
+        assert completion.usage is not None and completion.usage.completion_tokens == 6
+        assert completion.choices[0].finish_reason == "length"
+        # The engine publishes its stats with each heartbeat (1 s): wait for the decode instance's to show it.
+        deadline = time.monotonic() + 30
+        while (transferred := _metric_sum(decode_url, "conveyor:prompt_tokens_transferred")) <= before:
+            assert time.monotonic() < deadline, "the decode instance computed the prompt itself"
+            time.sleep(0.25)
+        assert transferred - before >= completion.usage.prompt_tokens - 1
+        assert len(session_pids(process.pid)) >= 5  # the script, two instances' trees and the proxy
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 143
+        deadline = time.monotonic() + 15
+        while session_pids(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert session_pids(process.pid) == [], "the script left processes behind"
+    finally:
+        for pid in session_pids(process.pid):  # never leave a mess for the next test
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
