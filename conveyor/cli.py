@@ -106,8 +106,13 @@ def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
 
 
 def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tuple[EngineConfig, FrontendConfig]:
+    import importlib.util
+
     from conveyor.model_source import resolve_model_config
 
+    if args.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise SystemExit("--distributed-executor-backend ray needs Ray: pip install 'ray[serve]==2.60.0' "
+                         "(the project's [ray] extra; `make install` includes it)")
     device = args.device
     if device == "auto":
         device = "cuda" if _cuda_visible() else "cpu"
