@@ -20,6 +20,24 @@ _WIRE = dict(array_like=True, omit_defaults=True, gc=False, frozen=True)
 # --------------------------------------------------------------------------- sampling
 
 
+class StructuredOutputSpec(msgspec.Struct, **_WIRE):
+    """A constraint the sampler enforces with token masks. `kind`: "json" (a JSON schema, as JSON text),
+    "json_object" (any JSON object; `spec` empty), "regex", "choice" (`spec`: a JSON list of strings), "grammar"
+    (Lark/EBNF text) or "structural_tag" (vLLM's structural tag object, as JSON text)."""
+
+    kind: str
+    spec: str = ""
+
+
+class RepetitionDetection(msgspec.Struct, **_WIRE):
+    """Stop when the output ends in a pattern of `min_pattern_len`..`max_pattern_len` tokens repeated at least
+    `min_repeats` times in a row."""
+
+    min_pattern_len: int = 1
+    max_pattern_len: int = 20
+    min_repeats: int = 10
+
+
 class SamplingParams(msgspec.Struct, **_WIRE):
     """Per-request sampling controls, already validated and defaulted by the frontend.
 
@@ -41,6 +59,13 @@ class SamplingParams(msgspec.Struct, **_WIRE):
     ignore_eos: bool = False
     logprobs: Union[int, None] = None
     logit_bias: Union[dict[int, float], None] = None
+    prompt_logprobs: Union[int, None] = None  # None: none; k: the prompt tokens' logprobs with k alternatives
+    allowed_token_ids: Union[list[int], None] = None  # sample only among these
+    bad_words_token_ids: list[list[int]] = []  # token sequences that must never be completed
+    structured_output: Union[StructuredOutputSpec, None] = None
+    repetition_detection: Union[RepetitionDetection, None] = None
+    logits_processors: list[str] = []  # names registered with workers.logits_processors (vllm_xargs selects)
+    logits_processor_args: Union[dict[str, Any], None] = None  # vllm_xargs, passed to those processors
 
 
 class TokenLogprobs(msgspec.Struct, **_WIRE):
@@ -105,6 +130,8 @@ class EngineCoreOutput(msgspec.Struct, **_WIRE):
     stop_reason: Union[int, str, None] = None  # the stop token id that ended it, or an error message
     num_cached_tokens: int = 0
     kv_transfer_params: Union[dict[str, Any], None] = None  # set on the last output of a prefill for remote decode
+    # On the first output only, with SamplingParams.prompt_logprobs: one entry per prompt token (None for the first).
+    prompt_logprobs: Union[list[Union[TokenLogprobs, None]], None] = None
 
     @property
     def finished(self) -> bool:
@@ -284,6 +311,8 @@ class ModelRunnerOutput(msgspec.Struct, tag="result", **_WIRE):
     error: Union[str, None] = None  # set when the step failed as a whole
     kv_connector_output: Union[KVConnectorOutput, None] = None
     rank: int = 0
+    # Per request (same order), with prompt_logprobs: the logprobs of the prompt tokens computed in this step.
+    prompt_logprobs: Union[list[Union[list[Union[TokenLogprobs, None]], None]], None] = None
 
 
 class WorkerFailure(msgspec.Struct, tag="failure", **_WIRE):

@@ -56,6 +56,27 @@ class SamplingRequest(OpenAIModel):
     user: Optional[str] = None
     cache_salt: Optional[str] = None
     kv_transfer_params: Optional[dict[str, Any]] = None  # disaggregated prefill/decode (see scripts/disagg_proxy.py)
+    priority: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    echo: bool = False
+    return_token_ids: bool = False  # vLLM: add prompt_token_ids and token_ids to the choices
+    return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:N"
+    # vLLM sampling extras
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
+    prompt_logprobs: Optional[int] = Field(None, ge=-1, le=_MAX_LOGPROBS)
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    # Structured outputs (vLLM's structured_outputs; OpenAI's response_format)
+    structured_outputs: Optional[dict[str, Any]] = None
+    response_format: Optional[dict[str, Any]] = None
+    repetition_detection: Optional[dict[str, Any]] = None
+    vllm_xargs: Optional[dict[str, Any]] = None  # passed to the logits processors it names (workers/logits_processors)
+    request_id: Optional[str] = None  # echoed in the response id and the logs
+    stream_interval: int = Field(1, ge=1)  # tokens per streamed chunk at most every N tokens
 
     @field_validator("kv_transfer_params")
     @classmethod
@@ -64,11 +85,6 @@ class SamplingRequest(OpenAIModel):
         if params is not None and info.data.get("n", 1) != 1:
             raise ValueError("kv_transfer_params needs n == 1 (one prompt KV hand-off per request)")
         return params
-    priority: int = 0
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    echo: bool = False
-    return_token_ids: bool = False  # vLLM: add prompt_token_ids and token_ids to the choices
 
     @property
     def stop_strings(self) -> list[str]:
@@ -160,8 +176,13 @@ class ChatTemplateFields(OpenAIModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     documents: Optional[list[dict[str, Any]]] = None
+    chat_template: Optional[str] = None  # per request, instead of the model's
     chat_template_kwargs: Optional[dict[str, Any]] = None
     tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None  # "none" | "auto" | "required" | a named function
+    parallel_tool_calls: Optional[bool] = None
+    media_io_kwargs: Optional[dict[str, Any]] = None
+    mm_processor_kwargs: Optional[dict[str, Any]] = None
 
 
 class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
