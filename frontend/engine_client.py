@@ -24,7 +24,7 @@ import zmq.asyncio
 
 from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutput, EngineCoreRequest, FrontendMessage,
                                   SchedulerStats, engine_outputs_decoder, frontend_message_encoder)
-from frontend.errors import EngineDeadError
+from frontend.errors import BadRequestError, EngineDeadError
 
 logger = logging.getLogger("conveyor.frontend")
 
@@ -156,7 +156,8 @@ class ZmqEngineClient:
             raise EngineDeadError(self._dead_message())
         request_id = request.request_id
         if request_id in self._queues:
-            raise ValueError(f"request id {request_id!r} is already running")
+            raise BadRequestError(f"request id {request_id!r} is already in use by a running request",
+                                  param="request_id")
         queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
         self._queues[request_id] = queue
         engine = self._least_loaded_engine()

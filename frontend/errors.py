@@ -73,6 +73,8 @@ def error_event(error: APIError) -> str:
 
 def engine_error(message: str) -> APIError:
     """Map a request the engine finished with reason "error": its own prompt problems are the client's fault."""
+    if "already in use" in message:  # another frontend runs a request with the same request_id
+        return BadRequestError(message, param="request_id")
     if "prompt" in message.lower():
         return BadRequestError(message, param="prompt")
     return InternalServerError(message)

@@ -6,12 +6,15 @@ prompt-major (`prompt_index * n + j`) and the seed of sample `j` is `seed + j`.
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from engine_core.protocol import EngineCoreRequest
 from frontend.detokenizer import ChoiceDelta, ChoiceState, IncrementalDetokenizer, TokenRecord
+from frontend.errors import BadRequestError
 from frontend.protocol import SamplingRequest
 from frontend.sampling import build_sampling_params
 from frontend.state import FrontendState
@@ -25,6 +28,41 @@ class Choice:
     engine_request: EngineCoreRequest
     state: ChoiceState
     prompt_token_ids: list[int]
+
+
+def api_request_id(prefix: str, request: SamplingRequest, headers: Mapping[str, str]) -> str:
+    """The response id: the request's `request_id` (vLLM), else an X-Request-Id header, else a random one."""
+    base = request.request_id or headers.get("x-request-id") or uuid.uuid4().hex
+    return f"{prefix}-{base}"
+
+
+def truncate_prompt(token_ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the last k tokens (-1: as many as the context holds)."""
+    if truncate_prompt_tokens is None:
+        return token_ids
+    keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+    if keep > max_model_len:
+        raise BadRequestError(f"truncate_prompt_tokens ({keep}) is larger than the maximum context length "
+                              f"({max_model_len})", param="truncate_prompt_tokens")
+    return token_ids[-keep:] if keep else token_ids[:0]
+
+
+async def every_n_tokens(deltas: AsyncIterator[ChoiceDelta], interval: int) -> AsyncIterator[ChoiceDelta]:
+    """vLLM's stream_interval: merge each choice's deltas until it has `interval` tokens (or finished)."""
+    if interval <= 1:
+        async for delta in deltas:
+            yield delta
+        return
+    pending: dict[int, ChoiceDelta] = {}
+    async for delta in deltas:
+        held = pending.pop(delta.index, None)
+        if held is not None:
+            delta.text = held.text + delta.text
+            delta.tokens = held.tokens + delta.tokens
+        if len(delta.tokens) >= interval or delta.finish_reason is not None:
+            yield delta
+        else:
+            pending[delta.index] = delta
 
 
 def make_choices(frontend: FrontendState, request: SamplingRequest, request_id: str,

@@ -1,7 +1,7 @@
 """Engine logprobs -> the two OpenAI shapes: legacy completions and chat completions."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from frontend.detokenizer import TokenRecord
 from frontend.tokenizer import TokenizerInfo
@@ -13,16 +13,22 @@ def _clamp(logprob: float) -> float:
     return logprob if logprob > _MIN_LOGPROB else _MIN_LOGPROB
 
 
+def _token_namer(tokenizer: TokenizerInfo, as_token_ids: bool) -> Callable[[int], str]:
+    """vLLM's return_tokens_as_token_ids: "token_id:N" instead of the token's text (unambiguous for clients)."""
+    return (lambda token_id: f"token_id:{token_id}") if as_token_ids else tokenizer.token_text
+
+
 def completion_logprobs(tokenizer: TokenizerInfo, records: list[TokenRecord], text_offset_base: int,
-                        num_top: int) -> dict[str, list[Any]]:
+                        num_top: int, as_token_ids: bool = False) -> dict[str, list[Any]]:
     """{tokens, token_logprobs, top_logprobs: [{token text: logprob}], text_offset}; the chosen token is
     always among its position's top_logprobs (vLLM's convention)."""
+    name = _token_namer(tokenizer, as_token_ids)
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     text_offsets: list[int] = []
     for record in records:
-        text = tokenizer.token_text(record.token_id)
+        text = name(record.token_id)
         tokens.append(text)
         text_offsets.append(text_offset_base + record.text_offset)
         if record.logprobs is None:
@@ -34,23 +40,25 @@ def completion_logprobs(tokenizer: TokenizerInfo, records: list[TokenRecord], te
         # chosen token keeps its own logprob and the others keep their best.
         top = {text: _clamp(record.logprobs.logprob)}
         for token_id, logprob in zip(record.logprobs.top_token_ids[:num_top], record.logprobs.top_logprobs[:num_top]):
-            top.setdefault(tokenizer.token_text(token_id), _clamp(logprob))
+            top.setdefault(name(token_id), _clamp(logprob))
         top_logprobs.append(top)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": text_offsets}
 
 
-def chat_logprobs(tokenizer: TokenizerInfo, records: list[TokenRecord], num_top: int) -> dict[str, Any]:
+def chat_logprobs(tokenizer: TokenizerInfo, records: list[TokenRecord], num_top: int,
+                  as_token_ids: bool = False) -> dict[str, Any]:
     """{content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], refusal: None}."""
+    name = _token_namer(tokenizer, as_token_ids)
     content: list[dict[str, Any]] = []
     for record in records:
-        entry: dict[str, Any] = {"token": tokenizer.token_text(record.token_id),
+        entry: dict[str, Any] = {"token": name(record.token_id),
                                  "logprob": _MIN_LOGPROB, "bytes": tokenizer.token_bytes(record.token_id),
                                  "top_logprobs": []}
         if record.logprobs is not None:
             entry["logprob"] = _clamp(record.logprobs.logprob)
             entry["top_logprobs"] = [
-                {"token": tokenizer.token_text(token_id), "logprob": _clamp(logprob),
+                {"token": name(token_id), "logprob": _clamp(logprob),
                  "bytes": tokenizer.token_bytes(token_id)}
                 for token_id, logprob in zip(record.logprobs.top_token_ids[:num_top],
                                              record.logprobs.top_logprobs[:num_top])]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, AsyncIterator
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -11,7 +10,8 @@ from starlette.requests import Request
 from frontend.chat_template import ChatTemplateError, ContentFormat
 from frontend.detokenizer import TokenRecord
 from frontend.errors import APIError, BadRequestError, error_event
-from frontend.generation import Choice, kv_transfer_params, make_choices, run_choices, usage
+from frontend.generation import (Choice, api_request_id, every_n_tokens, kv_transfer_params, make_choices,
+                                 run_choices, truncate_prompt, usage)
 from frontend.logprobs import chat_logprobs
 from frontend.protocol import ChatCompletionRequest, ChatMessage, ChatTemplateFields
 from frontend.sampling import check_context_length, default_max_tokens
@@ -54,14 +54,15 @@ class ChatServing:
         frontend = self.frontend
         frontend.check_model(request.model)
         frontend.check_engine_alive()
-        prompt_token_ids = frontend.tokenizer.encode(render_chat_prompt(frontend, request),
-                                                     request.add_special_tokens)
+        prompt_token_ids = truncate_prompt(
+            frontend.tokenizer.encode(render_chat_prompt(frontend, request), request.add_special_tokens),
+            request.truncate_prompt_tokens, frontend.model_config.max_model_len)
         max_model_len = frontend.model_config.max_model_len
         max_tokens = default_max_tokens(request.requested_max_tokens, frontend.generation_defaults,
                                         max_model_len - len(prompt_token_ids))
         check_context_length(len(prompt_token_ids), max(max_tokens, 1), max_model_len, what="messages")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = api_request_id("chatcmpl", request, raw_request.headers)
         choices = make_choices(frontend, request, request_id, [prompt_token_ids], [max_tokens], logprobs)
         role = "assistant" if request.add_generation_prompt else request.messages[-1].role
         last = request.messages[-1]
@@ -80,7 +81,8 @@ class ChatServing:
     def _logprobs(self, request: ChatCompletionRequest, records: list[TokenRecord]) -> dict[str, Any] | None:
         if not request.logprobs:
             return None
-        return chat_logprobs(self.frontend.tokenizer, records, request.top_logprobs or 0)
+        return chat_logprobs(self.frontend.tokenizer, records, request.top_logprobs or 0,
+                             request.return_tokens_as_token_ids)
 
     async def _collect(self, request: ChatCompletionRequest, choices: list[Choice], header: dict[str, Any],
                        role: str, echo_text: str) -> dict[str, Any]:
@@ -126,7 +128,7 @@ class ChatServing:
             chunk_header.pop("prompt_token_ids", None)  # only on the role chunks
             for choice in choices if echo_text else []:
                 yield chunk(choice.state.index, {"content": echo_text})
-            async for delta in run_choices(self.frontend, choices):
+            async for delta in every_n_tokens(run_choices(self.frontend, choices), request.stream_interval):
                 token_ids = [record.token_id for record in delta.tokens] if request.return_token_ids else None
                 yield chunk(delta.index, {"content": delta.text} if delta.text else {},
                             self._logprobs(request, delta.tokens), delta.finish_reason, delta.stop_reason, token_ids)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, AsyncIterator
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -10,7 +9,8 @@ from starlette.requests import Request
 
 from frontend.detokenizer import TokenRecord
 from frontend.errors import APIError, BadRequestError, error_event
-from frontend.generation import Choice, kv_transfer_params, make_choices, run_choices, usage
+from frontend.generation import (Choice, api_request_id, every_n_tokens, kv_transfer_params, make_choices,
+                                 run_choices, truncate_prompt, usage)
 from frontend.logprobs import completion_logprobs
 from frontend.protocol import CompletionRequest
 from frontend.sampling import check_context_length, check_token_ids, default_max_tokens
@@ -44,7 +44,7 @@ class CompletionServing:
                 limit = max(1, min(limit, max_model_len - len(prompt_token_ids)))
             check_context_length(len(prompt_token_ids), limit, max_model_len)
             max_tokens.append(limit)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = api_request_id("cmpl", request, raw_request.headers)
         choices = make_choices(frontend, request, request_id, prompts, max_tokens, request.logprobs)
         header = {"id": request_id, "created": int(time.time()), "model": frontend.model_config.served_model_name}
         echo_texts = prompt_texts if request.echo else [""] * len(prompts)
@@ -66,11 +66,13 @@ class CompletionServing:
         elif all(isinstance(item, str) for item in prompt):
             texts = [str(item) for item in prompt]
         else:
-            prompts = _token_id_prompts(prompt)
+            prompts = [truncate_prompt(tokens, request.truncate_prompt_tokens, self.frontend.model_config.max_model_len)
+                       for tokens in _token_id_prompts(prompt)]
             for tokens in prompts:
                 check_token_ids(tokens, tokenizer, "prompt")
             return prompts, [tokenizer.decode(tokens, skip_special_tokens=False) for tokens in prompts]
-        prompts = [tokenizer.encode(text, request.add_special_tokens) for text in texts]
+        prompts = [truncate_prompt(tokenizer.encode(text, request.add_special_tokens), request.truncate_prompt_tokens,
+                                   self.frontend.model_config.max_model_len) for text in texts]
         if any(not tokens for tokens in prompts):
             raise BadRequestError("the prompt is empty after tokenization", param="prompt")
         return prompts, texts
@@ -79,7 +81,8 @@ class CompletionServing:
                          echo_text: str) -> dict[str, Any] | None:
         if request.logprobs is None:
             return None
-        return completion_logprobs(self.frontend.tokenizer, records, len(echo_text), request.logprobs)
+        return completion_logprobs(self.frontend.tokenizer, records, len(echo_text), request.logprobs,
+                                   request.return_tokens_as_token_ids)
 
     async def _collect(self, request: CompletionRequest, choices: list[Choice], header: dict[str, Any],
                        echo_texts: list[str]) -> dict[str, Any]:
@@ -105,7 +108,7 @@ class CompletionServing:
         chunk_header = {**header, "object": "text_completion"}
         first_chunk = [True] * len(choices)
         try:
-            async for delta in run_choices(self.frontend, choices):
+            async for delta in every_n_tokens(run_choices(self.frontend, choices), request.stream_interval):
                 first, first_chunk[delta.index] = first_chunk[delta.index], False
                 echo_text = echo_texts[choices[delta.index].state.prompt_index]
                 choice = {"index": delta.index, "text": echo_text + delta.text if first else delta.text,
