@@ -7,6 +7,7 @@ from typing import Any, AsyncIterator
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request
 
+from frontend.beam_search import beam_search_all, beam_usage, check_beam_search_request, hypothesis_text
 from frontend.chat_template import ChatTemplateError, ContentFormat
 from frontend.detokenizer import TokenRecord
 from frontend.errors import APIError, BadRequestError, error_event
@@ -63,6 +64,8 @@ class ChatServing:
         check_context_length(len(prompt_token_ids), max(max_tokens, 1), max_model_len, what="messages")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         request_id = api_request_id("chatcmpl", request, raw_request.headers)
+        if request.use_beam_search:
+            return JSONResponse(await self._beam_search(request, request_id, prompt_token_ids, max_tokens))
         choices = make_choices(frontend, request, request_id, [prompt_token_ids], [max_tokens], logprobs)
         role = "assistant" if request.add_generation_prompt else request.messages[-1].role
         last = request.messages[-1]
@@ -77,6 +80,19 @@ class ChatServing:
         except ClientDisconnected:
             return Response(status_code=499)
         return JSONResponse(body)
+
+    async def _beam_search(self, request: ChatCompletionRequest, request_id: str, prompt_token_ids: list[int],
+                           max_tokens: int) -> dict[str, Any]:
+        check_beam_search_request(request, request.logprobs)
+        results = await beam_search_all(self.frontend, request, request_id, [prompt_token_ids], [max_tokens])
+        choices = [{"index": rank, "logprobs": None, "finish_reason": "stop" if h.finished_by_stop else "length",
+                    "stop_reason": None,
+                    "message": {"role": "assistant", "content": hypothesis_text(self.frontend, request, h),
+                                "tool_calls": []}}
+                   for rank, h in enumerate(results[0])]
+        return {"id": request_id, "created": int(time.time()), "model": self.frontend.model_config.served_model_name,
+                "object": "chat.completion", "choices": choices, "usage": beam_usage([prompt_token_ids], results),
+                "system_fingerprint": None}
 
     def _logprobs(self, request: ChatCompletionRequest, records: list[TokenRecord]) -> dict[str, Any] | None:
         if not request.logprobs:

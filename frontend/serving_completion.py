@@ -7,6 +7,7 @@ from typing import Any, AsyncIterator
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request
 
+from frontend.beam_search import beam_search_all, beam_usage, check_beam_search_request, hypothesis_text
 from frontend.detokenizer import TokenRecord
 from frontend.errors import APIError, BadRequestError, error_event
 from frontend.generation import (Choice, api_request_id, every_n_tokens, kv_transfer_params, make_choices,
@@ -45,6 +46,8 @@ class CompletionServing:
             check_context_length(len(prompt_token_ids), limit, max_model_len)
             max_tokens.append(limit)
         request_id = api_request_id("cmpl", request, raw_request.headers)
+        if request.use_beam_search:
+            return JSONResponse(await self._beam_search(request, request_id, prompts, max_tokens))
         choices = make_choices(frontend, request, request_id, prompts, max_tokens, request.logprobs)
         header = {"id": request_id, "created": int(time.time()), "model": frontend.model_config.served_model_name}
         echo_texts = prompt_texts if request.echo else [""] * len(prompts)
@@ -56,6 +59,18 @@ class CompletionServing:
         except ClientDisconnected:
             return Response(status_code=499)
         return JSONResponse(body)
+
+    async def _beam_search(self, request: CompletionRequest, request_id: str, prompts: list[list[int]],
+                           max_tokens: list[int]) -> dict[str, Any]:
+        check_beam_search_request(request, request.logprobs is not None)
+        results = await beam_search_all(self.frontend, request, request_id, prompts, max_tokens)
+        choices = [{"index": prompt_index * request.n + rank, "text": hypothesis_text(self.frontend, request, h),
+                    "logprobs": None, "finish_reason": "stop" if h.finished_by_stop else "length",
+                    "stop_reason": None, "prompt_logprobs": None}
+                   for prompt_index, hypotheses in enumerate(results) for rank, h in enumerate(hypotheses)]
+        return {"id": request_id, "created": int(time.time()), "model": self.frontend.model_config.served_model_name,
+                "object": "text_completion", "choices": choices, "usage": beam_usage(prompts, results),
+                "system_fingerprint": None}
 
     def _tokenize_prompts(self, request: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """Token ids of each prompt and its text (for echo)."""
