@@ -39,6 +39,16 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--api-server-count", type=int, default=1, help="frontend processes sharing the port")
     group.add_argument("--uvicorn-log-level", default="warning")
     group.add_argument("--max-log-len", type=int, default=None, help="accepted for vLLM compatibility")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='tool_choice "auto" (the default when a request has tools): parse tool calls out of '
+                            "the output with --tool-call-parser")
+    group.add_argument("--tool-call-parser", default=None,
+                       help="the model's tool call syntax: hermes, llama3_json or pythonic")
+    group.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                       help='with tool_choice "none", do not pass the tools to the chat template')
+    group.add_argument("--trust-request-chat-template", action="store_true",
+                       help="accept a chat_template in requests (templates run sandboxed, but a client could still "
+                            "send one that renders for a very long time)")
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -101,8 +111,20 @@ def _kv_transfer_config(text: str) -> KVTransferConfig:
 
 
 def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
+    from frontend.tool_parsers import tool_parser_names  # pure Python, no torch
+
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                         f"{', '.join(tool_parser_names())})")
+    if args.tool_call_parser is not None and args.tool_call_parser not in tool_parser_names():
+        raise SystemExit(f"--tool-call-parser {args.tool_call_parser!r} is not one of "
+                         f"{', '.join(tool_parser_names())}")
     return FrontendConfig(host=args.host, port=args.port, api_key=args.api_key,
-                          api_server_count=args.api_server_count, uvicorn_log_level=args.uvicorn_log_level)
+                          api_server_count=args.api_server_count, uvicorn_log_level=args.uvicorn_log_level,
+                          enable_auto_tool_choice=args.enable_auto_tool_choice,
+                          tool_call_parser=args.tool_call_parser,
+                          exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+                          trust_request_chat_template=args.trust_request_chat_template)
 
 
 def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tuple[EngineConfig, FrontendConfig]:

@@ -26,6 +26,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     generation_config: str = "auto"  # "auto" (model folder) | "vllm" (engine defaults) | a folder
     chat_template: str | None = None  # --chat-template: a file path or the template itself
+    # Frontends only: the logits processor names the engine's workers registered (from the engine's ModelInfo).
+    logits_processors: tuple[str, ...] = ()
 
 
 KV_CONNECTORS = ("ZmqPullConnector", "SharedStorageConnector")
@@ -134,6 +136,10 @@ class FrontendConfig:
     api_key: str | None = None
     api_server_count: int = 1
     uvicorn_log_level: str = "warning"
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" parses calls out of the output (needs a parser)
+    tool_call_parser: str | None = None  # --tool-call-parser: a name registered in frontend.tool_parsers
+    exclude_tools_when_tool_choice_none: bool = False  # tool_choice "none": keep tools out of the chat template
+    trust_request_chat_template: bool = False  # accept a request's own `chat_template` (vLLM refuses it by default)
 
 
 @dataclass(frozen=True)

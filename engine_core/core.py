@@ -183,7 +183,8 @@ class EngineCore:
         self._scheduler = Scheduler(config.scheduler, config.cache, self._executor.num_blocks,
                                     *self._kv_connector(config))
         self._context = zmq.Context()
-        self._io = FrontendIO(self._context, config.engine_address, self._engine_info(config))
+        self._io = FrontendIO(self._context, config.engine_address,
+                              self._engine_info(config, self._executor.logits_processors))
         if config.dp_master_address:
             self._register_with_master(config)
         self._stats_logger = StatsLogger()
@@ -201,12 +202,12 @@ class EngineCore:
         return connector, kv_transfer.kv_load_failure_policy
 
     @staticmethod
-    def _engine_info(config: EngineConfig) -> EngineInfo | None:
+    def _engine_info(config: EngineConfig, logits_processors: list[str]) -> EngineInfo | None:
         """Rank 0 answers frontends' start-up questions; other ranks only serve requests."""
         if config.parallel.data_parallel_rank != 0:
             return None
         addresses = [config.engine_address] + [""] * (config.parallel.data_parallel_size - 1)
-        return EngineInfo(model=describe_model(config.model), engine_addresses=addresses)
+        return EngineInfo(model=describe_model(config.model, logits_processors), engine_addresses=addresses)
 
     def _register_with_master(self, config: EngineConfig) -> None:
         """Tell data-parallel rank 0 where frontends reach this core (queued by ZeroMQ until rank 0 is up)."""

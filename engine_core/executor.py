@@ -172,6 +172,7 @@ class Executor:
             if isinstance(message, WorkerReady):
                 ready[message.rank] = message
         num_blocks = min(worker.num_blocks for worker in ready.values())
+        self.logits_processors = list(ready[0].logits_processors)  # what frontends may let requests select
         if config.cache.num_blocks_override:
             num_blocks = config.cache.num_blocks_override
         self._broadcast(InitializeCache(num_blocks=num_blocks))

@@ -16,7 +16,7 @@ _TOKENIZER_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model")
 _MAX_FILE_BYTES = 64 * 2**20
 
 
-def describe_model(config: ModelConfig) -> ModelInfo:
+def describe_model(config: ModelConfig, logits_processors: list[str] | None = None) -> ModelInfo:
     files: dict[str, bytes] = {}
     for path in sorted(Path(config.tokenizer_dir).iterdir()):
         if path.is_file() and path.suffix in _TOKENIZER_FILE_SUFFIXES and path.stat().st_size <= _MAX_FILE_BYTES:
@@ -31,7 +31,8 @@ def describe_model(config: ModelConfig) -> ModelInfo:
                      architecture=config.architecture, dtype=config.dtype, max_model_len=config.max_model_len,
                      seed=config.seed, eos_token_ids=list(config.eos_token_ids),
                      use_generation_config=use_generation_config,
-                     chat_template=_read_template(config.chat_template), tokenizer_files=files)
+                     chat_template=_read_template(config.chat_template), tokenizer_files=files,
+                     logits_processors=list(logits_processors or []))
 
 
 def _generation_config_folder(config: ModelConfig) -> Path:

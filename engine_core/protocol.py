@@ -171,6 +171,7 @@ class ModelInfo(msgspec.Struct, **_WIRE):
     use_generation_config: bool  # False for --generation-config vllm
     chat_template: Union[str, None]  # the template text given with --chat-template
     tokenizer_files: dict[str, bytes]  # file name -> content (tokenizer.json, tokenizer_config.json, ...)
+    logits_processors: list[str] = []  # names the workers registered (vllm_xargs.logits_processors must be one)
 
 
 class EngineInfo(msgspec.Struct, **_WIRE):
@@ -297,6 +298,7 @@ class WorkerReady(msgspec.Struct, tag="ready", **_WIRE):
     rank: int
     num_blocks: int  # how many KV blocks this rank can hold; the core takes the minimum over ranks
     device: str
+    logits_processors: list[str] = []  # names registered in workers.logits_processors (frontends validate against)
 
 
 class ModelRunnerOutput(msgspec.Struct, tag="result", **_WIRE):
@@ -313,6 +315,8 @@ class ModelRunnerOutput(msgspec.Struct, tag="result", **_WIRE):
     rank: int = 0
     # Per request (same order), with prompt_logprobs: the logprobs of the prompt tokens computed in this step.
     prompt_logprobs: Union[list[Union[list[Union[TokenLogprobs, None]], None]], None] = None
+    # Requests that failed on their own (their sampled list is empty), e.g. a logits processor error: id -> why.
+    request_errors: Union[dict[str, str], None] = None
 
 
 class WorkerFailure(msgspec.Struct, tag="failure", **_WIRE):

@@ -17,7 +17,7 @@ import enum
 from typing import Any
 
 from engine_core.block_hash import BlockHash
-from engine_core.protocol import EngineCoreRequest, SamplingParams
+from engine_core.protocol import EngineCoreRequest, RepetitionDetection, SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.IntEnum):
@@ -89,6 +89,11 @@ class Request:
         self.block_ids: list[int] = []  # KV blocks in token order; owned by the KV cache manager
         self.block_hashes: list[BlockHash] = []  # one per full block of `all_token_ids`, filled lazily
         self.num_committed_blocks = 0  # leading blocks whose KV is computed and offered to the prefix cache
+        # With sampling_params.prompt_logprobs: one entry per prompt token (None first), filled as the prompt runs
+        # and sent (then dropped) with the first output. While pending, the prompt must be computed, not looked up
+        # in the prefix cache.
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
+            [None] * len(self.prompt_token_ids) if sampling_params.prompt_logprobs is not None else None)
 
     @classmethod
     def from_engine_core_request(cls, req: EngineCoreRequest) -> Request:
@@ -129,6 +134,19 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
+    def record_prompt_logprobs(self, first_position: int, entries: list[TokenLogprobs | None] | None) -> None:
+        """Entries for the prompt tokens after `first_position` (logits at position p score token p + 1)."""
+        if self.prompt_logprobs is None or not entries:
+            return
+        start = first_position + 1
+        entries = entries[:max(0, len(self.prompt_logprobs) - start)]
+        self.prompt_logprobs[start:start + len(entries)] = entries
+
+    def take_prompt_logprobs(self) -> list[TokenLogprobs | None] | None:
+        """The prompt logprobs for the request's first output; None afterwards (and without prompt_logprobs)."""
+        prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+        return prompt_logprobs
+
     def take_unsent_token_ids(self) -> list[int]:
         """Tokens the worker has not seen yet; marks them as sent."""
         unsent = self.all_token_ids[self.num_tokens_known_to_worker:]
@@ -140,11 +158,12 @@ class Request:
                 f"{self.num_tokens}, blocks={self.block_ids})")
 
 
-def check_stop(request: Request, max_len: int) -> tuple[RequestStatus, int | None] | None:
+def check_stop(request: Request, max_len: int) -> tuple[RequestStatus, int | str | None] | None:
     """After a token was appended: the finished status and stop reason, or None to keep generating.
 
-    Order: eos (unless ignore_eos), stop_token_ids (both not before min_tokens outputs), max_tokens, and the
-    total length reaching `max_len` (max_model_len, or what the KV cache can hold if that is smaller).
+    Order: eos (unless ignore_eos), stop_token_ids (both not before min_tokens outputs), max_tokens, the
+    total length reaching `max_len` (max_model_len, or what the KV cache can hold if that is smaller), and
+    repetition_detection (not before min_tokens outputs either; like vLLM, on the output tokens only).
     """
     params = request.sampling_params
     last_token_id = request.output_token_ids[-1]
@@ -155,4 +174,35 @@ def check_stop(request: Request, max_len: int) -> tuple[RequestStatus, int | Non
             return RequestStatus.FINISHED_STOPPED, last_token_id
     if request.num_output_tokens >= params.max_tokens or request.num_tokens >= max_len:
         return RequestStatus.FINISHED_LENGTH, None
+    if params.repetition_detection is not None and request.num_output_tokens >= params.min_tokens:
+        repetition = find_repetition(request.output_token_ids, params.repetition_detection)
+        if repetition is not None:
+            pattern_len, repeats = repetition
+            return (RequestStatus.FINISHED_STOPPED,
+                    f"repetition detected: pattern of {pattern_len} tokens repeated {repeats} times")
+    return None
+
+
+def find_repetition(token_ids: list[int], detection: RepetitionDetection) -> tuple[int, int] | None:
+    """(pattern length, times in a row) when `token_ids` ends in a pattern of min_pattern_len..max_pattern_len
+    tokens repeated at least min_repeats times in a row (the shortest such pattern); else None.
+
+    Called after every token, so the common case is cheap: a pattern of length L can only end the sequence if
+    the last token equals the one L before it (one comparison per L); only then are whole slices compared."""
+    num_tokens, repeats = len(token_ids), detection.min_repeats
+    if repeats < 2 or detection.min_pattern_len < 1 or num_tokens < detection.min_pattern_len * repeats:
+        return None
+    last = token_ids[-1]
+    for pattern_len in range(detection.min_pattern_len, detection.max_pattern_len + 1):
+        span = pattern_len * repeats
+        if span > num_tokens:
+            return None
+        if token_ids[-1 - pattern_len] != last:
+            continue
+        tail = token_ids[-span:]
+        if tail[pattern_len:] == tail[:-pattern_len]:  # period pattern_len over `repeats` copies
+            while span + pattern_len <= num_tokens and (
+                    token_ids[-span - pattern_len:-span] == token_ids[-pattern_len:]):
+                span += pattern_len
+            return pattern_len, span // pattern_len
     return None

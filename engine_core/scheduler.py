@@ -224,7 +224,9 @@ class Scheduler:
 
     def _try_start(self, request: Request, plan: _StepPlan) -> bool:
         """Start `request` (the queue head) from its cached prefix; False (nothing changed) if it does not fit."""
-        computed_blocks, num_cached_tokens = self.kv_cache.get_computed_blocks(request)
+        # Pending prompt logprobs need the whole prompt computed here: no prefix-cache hits (vLLM does the same).
+        computed_blocks, num_cached_tokens = (
+            ([], 0) if request.prompt_logprobs is not None else self.kv_cache.get_computed_blocks(request))
         if self.kv_connector is not None and request.status == RequestStatus.WAITING:
             num_external_tokens = self.kv_connector.num_external_tokens(request, num_cached_tokens)
             if num_external_tokens:
@@ -368,15 +370,18 @@ class Scheduler:
                 continue
             self._prompt_tokens_computed += max(0, min(request.num_computed_tokens + num_tokens,
                                                        request.num_prompt_tokens) - request.num_computed_tokens)
+            i = index_of.get(request_id)
+            if runner_output.prompt_logprobs is not None and i is not None and i < len(runner_output.prompt_logprobs):
+                request.record_prompt_logprobs(request.num_computed_tokens, runner_output.prompt_logprobs[i])
             request.num_computed_tokens += num_tokens
             self.kv_cache.cache_full_blocks(request)
             # Only a step that brought the request level samples; a mid-prefill chunk has nothing to report.
             if request.num_computed_tokens < request.num_tokens:
                 continue
-            i = index_of.get(request_id)
             token_ids = runner_output.sampled_token_ids[i] if i is not None else []
-            if not token_ids:  # the worker broke the contract for this request: fail it, keep the rest
-                self._finish(request, RequestStatus.FINISHED_ERROR, _NO_SAMPLE)
+            if not token_ids:  # failed on its own (request_errors), or the worker broke the contract: fail it
+                error = (runner_output.request_errors or {}).get(request_id, _NO_SAMPLE)
+                self._finish(request, RequestStatus.FINISHED_ERROR, error)
                 outputs[request.client_index].append(self._make_output(request, []))
                 continue
             logprobs = runner_output.logprobs[i] if i is not None and i < len(runner_output.logprobs) else None
@@ -411,7 +416,7 @@ class Scheduler:
         return EngineCoreOutput(
             request.request_id, token_ids, new_logprobs=logprobs, finish_reason=request.status.finish_reason,
             stop_reason=request.stop_reason, num_cached_tokens=max(0, request.num_cached_tokens),
-            kv_transfer_params=request.kv_transfer_params_out)
+            kv_transfer_params=request.kv_transfer_params_out, prompt_logprobs=request.take_prompt_logprobs())
 
     def _fail_step(self, scheduler_output: SchedulerOutput, message: str,
                    outputs: dict[int, list[EngineCoreOutput]]) -> None:

@@ -15,9 +15,10 @@ from engine_core.config import FrontendConfig, ModelConfig
 from frontend.dependencies import verify_api_key
 from frontend.engine_client import EngineClient
 from frontend.errors import install_error_handlers
-from frontend.routers import chat, completions, metrics, models, tokenize
+from frontend.routers import chat, completions, metrics, models, responses, tokenize
 from frontend.serving_chat import ChatServing
 from frontend.serving_completion import CompletionServing
+from frontend.serving_responses import ResponsesServing
 from frontend.state import FrontendState
 
 logger = logging.getLogger("conveyor.frontend")
@@ -39,11 +40,13 @@ def create_app(model_config: ModelConfig, frontend_config: FrontendConfig, engin
     app.state.frontend = state
     app.state.completion_serving = CompletionServing(state)
     app.state.chat_serving = ChatServing(state)
+    app.state.responses_serving = ResponsesServing(state)  # reads VLLM_ENABLE_RESPONSES_API_STORE
     install_error_handlers(app)
     protected = [Depends(verify_api_key)]
     app.include_router(models.v1_router, dependencies=protected)
     app.include_router(completions.v1_router, dependencies=protected)
     app.include_router(chat.v1_router, dependencies=protected)
+    app.include_router(responses.v1_router, dependencies=protected)
     app.include_router(models.router)
     app.include_router(tokenize.router)
     app.include_router(metrics.router)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -109,6 +110,27 @@ class ChatTemplate:
         if continue_final_message:
             rendered = _cut_after_final_message(rendered, messages)
         return rendered
+
+
+_REQUEST_TEMPLATES: OrderedDict[tuple[str, tuple[tuple[str, str | None], ...]], ChatTemplate] = OrderedDict()
+_MAX_REQUEST_TEMPLATES = 32
+
+
+def request_chat_template(source: str, special_tokens: dict[str, str | None]) -> ChatTemplate:
+    """A request's own `chat_template`, compiled once and kept (LRU); ChatTemplateError if it does not compile."""
+    key = (source, tuple(sorted(special_tokens.items())))
+    template = _REQUEST_TEMPLATES.get(key)
+    if template is not None:
+        _REQUEST_TEMPLATES.move_to_end(key)
+        return template
+    try:
+        template = ChatTemplate(source, special_tokens)
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"the chat template does not compile: {exc}") from exc
+    _REQUEST_TEMPLATES[key] = template
+    if len(_REQUEST_TEMPLATES) > _MAX_REQUEST_TEMPLATES:
+        _REQUEST_TEMPLATES.popitem(last=False)
+    return template
 
 
 def _final_message_text(messages: list[dict[str, Any]]) -> str:

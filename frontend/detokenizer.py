@@ -92,6 +92,7 @@ class ChoiceState:
     token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer for the decode instance
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with prompt_logprobs: from the first output
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -112,8 +113,12 @@ class ChoiceState:
         self.num_cached_tokens = max(self.num_cached_tokens, output.num_cached_tokens)
         if output.kv_transfer_params is not None:
             self.kv_transfer_params = output.kv_transfer_params
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         records: list[TokenRecord] = []
-        stop_token = output.finish_reason == "stop" and isinstance(output.stop_reason, int)
+        # the engine stopped on a token: EOS (stop_reason None) or one of stop_token_ids (the id)
+        stop_token = output.finish_reason == "stop" and (output.stop_reason is None
+                                                         or isinstance(output.stop_reason, int))
         last = len(output.new_token_ids) - 1
         for position, token_id in enumerate(output.new_token_ids):
             logprobs = output.new_logprobs[position] if output.new_logprobs and position < len(

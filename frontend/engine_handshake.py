@@ -101,4 +101,4 @@ def model_config_from_info(info: ModelInfo) -> ModelConfig:
                        architecture=info.architecture, dtype=info.dtype, max_model_len=info.max_model_len,
                        seed=info.seed, eos_token_ids=tuple(info.eos_token_ids),
                        generation_config=str(folder) if info.use_generation_config else "vllm",
-                       chat_template=info.chat_template)
+                       chat_template=info.chat_template, logits_processors=tuple(info.logits_processors))

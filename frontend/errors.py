@@ -75,6 +75,8 @@ def engine_error(message: str) -> APIError:
     """Map a request the engine finished with reason "error": its own prompt problems are the client's fault."""
     if "already in use" in message:  # another frontend runs a request with the same request_id
         return BadRequestError(message, param="request_id")
+    if message.startswith("invalid vllm_xargs"):  # a logits processor rejected its args (workers/logits_processors)
+        return BadRequestError(message, param="vllm_xargs")
     if "prompt" in message.lower():
         return BadRequestError(message, param="prompt")
     return InternalServerError(message)

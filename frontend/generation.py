@@ -75,7 +75,8 @@ def make_choices(frontend: FrontendState, request: SamplingRequest, request_id: 
             index = prompt_index * request.n + sample_index
             params = build_sampling_params(request, frontend.generation_defaults, frontend.eos, frontend.tokenizer,
                                            max_tokens=max_tokens[prompt_index], logprobs=logprobs,
-                                           seed_offset=sample_index)
+                                           seed_offset=sample_index,
+                                           logits_processor_names=frontend.model_config.logits_processors)
             engine_request = EngineCoreRequest(
                 request_id=f"{request_id}-{index}", prompt_token_ids=prompt_token_ids, sampling_params=params,
                 eos_token_id=frontend.eos.eos_token_id, arrival_time=arrival_time, priority=request.priority,

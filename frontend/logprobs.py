@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from engine_core.protocol import TokenLogprobs
 from frontend.detokenizer import TokenRecord
 from frontend.tokenizer import TokenizerInfo
 
@@ -64,3 +65,25 @@ def chat_logprobs(tokenizer: TokenizerInfo, records: list[TokenRecord], num_top:
                                              record.logprobs.top_logprobs[:num_top])]
         content.append(entry)
     return {"content": content, "refusal": None}
+
+
+def prompt_logprobs_json(tokenizer: TokenizerInfo, prompt_token_ids: list[int],
+                         entries: list[TokenLogprobs | None] | None,
+                         as_token_ids: bool = False) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id (string key): {logprob, rank,
+    decoded_token}} holding the actual token, then the top-k alternatives (ranks 1..k)."""
+    if entries is None:
+        return None
+    name = _token_namer(tokenizer, as_token_ids)
+    result: list[dict[str, dict[str, Any]] | None] = []
+    for token_id, entry in zip(prompt_token_ids, entries):
+        if entry is None:
+            result.append(None)
+            continue
+        position = {str(token_id): {"logprob": _clamp(entry.logprob), "rank": entry.rank,
+                                    "decoded_token": name(token_id)}}
+        for rank, (top_id, logprob) in enumerate(zip(entry.top_token_ids, entry.top_logprobs), start=1):
+            position.setdefault(str(top_id), {"logprob": _clamp(logprob), "rank": rank,
+                                              "decoded_token": name(top_id)})
+        result.append(position)
+    return result

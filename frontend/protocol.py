@@ -141,6 +141,12 @@ class TextPart(OpenAIModel):
     text: str
 
 
+def _text_only_message(part_type: Any, index: int | None = None) -> str:
+    where = "a message" if index is None else f"message {index}"
+    return (f"{where} has a content part of type {part_type!r}: this model is text-only, so only text parts "
+            "are accepted (no images, audio or video)")
+
+
 class ChatMessage(OpenAIModel):
     """Extra keys (name, tool_calls, tool_call_id, reasoning_content, ...) pass through to the template."""
 
@@ -156,7 +162,7 @@ class ChatMessage(OpenAIModel):
             for part in content:
                 part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
                 if part_type != "text":
-                    raise ValueError(f"only text content parts are supported (got a part of type {part_type!r})")
+                    raise ValueError(_text_only_message(part_type))
         return content
 
     @model_validator(mode="after")
@@ -183,6 +189,27 @@ class ChatTemplateFields(OpenAIModel):
     parallel_tool_calls: Optional[bool] = None
     media_io_kwargs: Optional[dict[str, Any]] = None
     mm_processor_kwargs: Optional[dict[str, Any]] = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _text_only(cls, messages: Any) -> Any:
+        """Image/audio/video parts: a 400 for the `messages` parameter (the served models are text-only)."""
+        for index, message in enumerate(messages if isinstance(messages, list) else []):
+            content = message.get("content") if isinstance(message, dict) else None
+            for part in content if isinstance(content, list) else []:
+                part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if part_type != "text":
+                    raise ValueError(_text_only_message(part_type, index))
+        return messages
+
+    @model_validator(mode="after")
+    def _continue_final_message(self) -> ChatTemplateFields:
+        """continue_final_message renders without the generation prompt; asking for both is an error (vLLM)."""
+        if self.continue_final_message and self.add_generation_prompt:
+            if "add_generation_prompt" in self.model_fields_set:
+                raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+            self.add_generation_prompt = False
+        return self
 
 
 class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine_core.config import ModelConfig
 from engine_core.protocol import SamplingParams
+from frontend import sampling_extras
 from frontend.errors import BadRequestError
 from frontend.protocol import SamplingRequest
+from frontend.structured_outputs import structured_output_spec
 from frontend.tokenizer import TokenizerInfo, read_json
 
 logger = logging.getLogger("conveyor.frontend")
@@ -96,8 +99,9 @@ def _logit_bias(request: SamplingRequest, tokenizer: TokenizerInfo) -> dict[int,
 
 def build_sampling_params(request: SamplingRequest, defaults: dict[str, Any], eos: EosConfig,
                           tokenizer: TokenizerInfo, *, max_tokens: int, logprobs: int | None,
-                          seed_offset: int) -> SamplingParams:
-    """One engine request's params; `seed_offset` (the choice's index among n) keeps n samples distinct."""
+                          seed_offset: int, logits_processor_names: Collection[str] = ()) -> SamplingParams:
+    """One engine request's params; `seed_offset` (the choice's index among n) keeps n samples distinct.
+    `logits_processor_names`: what the engine's workers registered (vllm_xargs may select only those)."""
 
     def pick(name: str, fallback: Any) -> Any:
         value = getattr(request, name)
@@ -107,6 +111,7 @@ def build_sampling_params(request: SamplingRequest, defaults: dict[str, Any], eo
     check_token_ids(stop_token_ids, tokenizer, "stop_token_ids")
     stop_token_ids += [token_id for token_id in eos.extra_stop_token_ids if token_id not in stop_token_ids]
     top_k = int(pick("top_k", 0))
+    processors, processor_args = sampling_extras.logits_processors(request, logits_processor_names)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=float(pick("temperature", 1.0)),
@@ -122,6 +127,13 @@ def build_sampling_params(request: SamplingRequest, defaults: dict[str, Any], eo
         ignore_eos=bool(request.ignore_eos),
         logprobs=logprobs,
         logit_bias=_logit_bias(request, tokenizer),
+        structured_output=structured_output_spec(request),
+        prompt_logprobs=sampling_extras.prompt_logprobs(request),
+        allowed_token_ids=sampling_extras.allowed_token_ids(request, tokenizer),
+        bad_words_token_ids=sampling_extras.bad_words_token_ids(request, tokenizer),
+        repetition_detection=sampling_extras.repetition_detection(request),
+        logits_processors=processors,
+        logits_processor_args=processor_args,
     )
 
 

@@ -2,22 +2,24 @@
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request
 
 from frontend.beam_search import beam_search_all, beam_usage, check_beam_search_request, hypothesis_text
-from frontend.chat_template import ChatTemplateError, ContentFormat
+from frontend.chat_template import ChatTemplateError, ContentFormat, request_chat_template
 from frontend.detokenizer import TokenRecord
 from frontend.errors import APIError, BadRequestError, error_event
 from frontend.generation import (Choice, api_request_id, every_n_tokens, kv_transfer_params, make_choices,
                                  run_choices, truncate_prompt, usage)
-from frontend.logprobs import chat_logprobs
+from frontend.logprobs import chat_logprobs, prompt_logprobs_json
 from frontend.protocol import ChatCompletionRequest, ChatMessage, ChatTemplateFields
 from frontend.sampling import check_context_length, default_max_tokens
 from frontend.state import FrontendState
 from frontend.streaming import SSE_DONE, ClientDisconnected, sse_event, unless_disconnected
+from frontend.tool_calling import (ChoiceToolOutput, ToolPlan, constrain_choices, plan_tools,
+                                   request_for_engine, template_tool_calls)
 
 
 def message_for_template(message: ChatMessage, content_format: ContentFormat) -> dict[str, Any]:
@@ -32,16 +34,29 @@ def message_for_template(message: ChatMessage, content_format: ContentFormat) ->
     return data
 
 
-def render_chat_prompt(frontend: FrontendState, fields: ChatTemplateFields) -> str:
-    """The prompt text for a chat request (400 if there is no template or it cannot render these messages)."""
+def render_chat_prompt(frontend: FrontendState, fields: ChatTemplateFields,
+                       tools: list[dict[str, Any]] | None | Literal["request"] = "request") -> str:
+    """The prompt text for a chat request (400 if there is no template or it cannot render these messages).
+    The request's own `chat_template` replaces the model's; `tools` replaces the request's tools."""
     template = frontend.chat_template
+    if fields.chat_template is not None:
+        if not frontend.frontend_config.trust_request_chat_template:
+            raise BadRequestError("Chat template is passed with request, but --trust-request-chat-template is not "
+                                  "set. Refused request with untrusted chat template.", param="chat_template")
+        try:
+            template = request_chat_template(fields.chat_template, frontend.tokenizer.special_tokens)
+        except ChatTemplateError as exc:
+            raise BadRequestError(str(exc), param="chat_template") from exc
     if template is None:
         raise BadRequestError("this model has no chat template; pass --chat-template or use /v1/completions",
                               param="messages")
     messages = [message_for_template(message, template.content_format) for message in fields.messages]
+    for index, message in enumerate(messages):
+        template_tool_calls(message, index)
     try:
         return template.render(messages, add_generation_prompt=fields.add_generation_prompt,
-                               continue_final_message=fields.continue_final_message, tools=fields.tools,
+                               continue_final_message=fields.continue_final_message,
+                               tools=fields.tools if tools == "request" else tools,
                                documents=fields.documents, extra_kwargs=fields.chat_template_kwargs)
     except ChatTemplateError as exc:
         raise BadRequestError(str(exc), param="messages") from exc
@@ -55,8 +70,10 @@ class ChatServing:
         frontend = self.frontend
         frontend.check_model(request.model)
         frontend.check_engine_alive()
+        tools = plan_tools(request, frontend.frontend_config)
         prompt_token_ids = truncate_prompt(
-            frontend.tokenizer.encode(render_chat_prompt(frontend, request), request.add_special_tokens),
+            frontend.tokenizer.encode(render_chat_prompt(frontend, request, tools.template_tools),
+                                      request.add_special_tokens),
             request.truncate_prompt_tokens, frontend.model_config.max_model_len)
         max_model_len = frontend.model_config.max_model_len
         max_tokens = default_max_tokens(request.requested_max_tokens, frontend.generation_defaults,
@@ -66,17 +83,19 @@ class ChatServing:
         request_id = api_request_id("chatcmpl", request, raw_request.headers)
         if request.use_beam_search:
             return JSONResponse(await self._beam_search(request, request_id, prompt_token_ids, max_tokens))
-        choices = make_choices(frontend, request, request_id, [prompt_token_ids], [max_tokens], logprobs)
+        choices = make_choices(frontend, request_for_engine(tools, request), request_id, [prompt_token_ids],
+                               [max_tokens], logprobs)
+        constrain_choices(tools, choices)
         role = "assistant" if request.add_generation_prompt else request.messages[-1].role
         last = request.messages[-1]
         echo_text = last.text() if request.echo and last.role == role else ""
         header = {"id": request_id, "created": int(time.time()), "model": frontend.model_config.served_model_name}
         if request.stream:
-            return StreamingResponse(self._stream(request, choices, header, role, echo_text),
+            return StreamingResponse(self._stream(request, choices, header, role, echo_text, tools),
                                      media_type="text/event-stream")
         try:
             body = await unless_disconnected(raw_request,
-                                             self._collect(request, choices, header, role, echo_text))
+                                             self._collect(request, choices, header, role, echo_text, tools))
         except ClientDisconnected:
             return Response(status_code=499)
         return JSONResponse(body)
@@ -101,25 +120,32 @@ class ChatServing:
                              request.return_tokens_as_token_ids)
 
     async def _collect(self, request: ChatCompletionRequest, choices: list[Choice], header: dict[str, Any],
-                       role: str, echo_text: str) -> dict[str, Any]:
+                       role: str, echo_text: str, tools: ToolPlan) -> dict[str, Any]:
         records: list[list[TokenRecord]] = [[] for _ in choices]
         async for delta in run_choices(self.frontend, choices):
             records[delta.index].extend(delta.tokens)
-        body_choices = [{
-            "index": choice.state.index,
-            "message": {"role": role, "content": echo_text + choice.state.text, "tool_calls": []},
-            "logprobs": self._logprobs(request, records[choice.state.index]),
-            "finish_reason": choice.state.finish_reason, "stop_reason": choice.state.stop_reason,
-            **({"token_ids": choice.state.token_ids} if request.return_token_ids else {}),
-        } for choice in choices]
+        body_choices = []
+        for choice in choices:
+            message, finish_reason = ChoiceToolOutput(tools).message(role, echo_text, choice.state.text,
+                                                                     choice.state.finish_reason)
+            body_choices.append({
+                "index": choice.state.index, "message": message,
+                "logprobs": self._logprobs(request, records[choice.state.index]),
+                "finish_reason": finish_reason, "stop_reason": choice.state.stop_reason,
+                **({"token_ids": choice.state.token_ids} if request.return_token_ids else {}),
+            })
         body = {**header, "object": "chat.completion", "choices": body_choices, "usage": usage(choices),
-                "system_fingerprint": None, **kv_transfer_params(choices)}
+                "system_fingerprint": None, **kv_transfer_params(choices),
+                # vLLM puts the (shared) prompt's logprobs on the response, not on each choice
+                "prompt_logprobs": prompt_logprobs_json(self.frontend.tokenizer, choices[0].prompt_token_ids,
+                                                        choices[0].state.prompt_logprobs,
+                                                        request.return_tokens_as_token_ids)}
         if request.return_token_ids:
             body["prompt_token_ids"] = choices[0].prompt_token_ids
         return body
 
     async def _stream(self, request: ChatCompletionRequest, choices: list[Choice], header: dict[str, Any],
-                      role: str, echo_text: str) -> AsyncIterator[str]:
+                      role: str, echo_text: str, tools: ToolPlan) -> AsyncIterator[str]:
         chunk_header: dict[str, Any] = {**header, "object": "chat.completion.chunk"}
         if request.include_usage:
             chunk_header["usage"] = None
@@ -144,10 +170,13 @@ class ChatServing:
             chunk_header.pop("prompt_token_ids", None)  # only on the role chunks
             for choice in choices if echo_text else []:
                 yield chunk(choice.state.index, {"content": echo_text})
+            outputs = {choice.state.index: ChoiceToolOutput(tools) for choice in choices}
             async for delta in every_n_tokens(run_choices(self.frontend, choices), request.stream_interval):
                 token_ids = [record.token_id for record in delta.tokens] if request.return_token_ids else None
-                yield chunk(delta.index, {"content": delta.text} if delta.text else {},
-                            self._logprobs(request, delta.tokens), delta.finish_reason, delta.stop_reason, token_ids)
+                message_delta, finish_reason = outputs[delta.index].stream(delta.text, delta.finish_reason)
+                logprobs = self._logprobs(request, delta.tokens)
+                if message_delta or finish_reason is not None or logprobs is not None or token_ids is not None:
+                    yield chunk(delta.index, message_delta, logprobs, finish_reason, delta.stop_reason, token_ids)
             if request.include_usage:
                 yield sse_event({**chunk_header, "choices": [], "usage": usage(choices)})
         except APIError as exc:

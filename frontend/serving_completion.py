@@ -12,7 +12,7 @@ from frontend.detokenizer import TokenRecord
 from frontend.errors import APIError, BadRequestError, error_event
 from frontend.generation import (Choice, api_request_id, every_n_tokens, kv_transfer_params, make_choices,
                                  run_choices, truncate_prompt, usage)
-from frontend.logprobs import completion_logprobs
+from frontend.logprobs import completion_logprobs, prompt_logprobs_json
 from frontend.protocol import CompletionRequest
 from frontend.sampling import check_context_length, check_token_ids, default_max_tokens
 from frontend.state import FrontendState
@@ -111,7 +111,9 @@ class CompletionServing:
             body_choice = {
                 "index": state.index, "text": echo_text + state.text,
                 "logprobs": self._choice_logprobs(request, records[state.index], echo_text),
-                "finish_reason": state.finish_reason, "stop_reason": state.stop_reason, "prompt_logprobs": None}
+                "finish_reason": state.finish_reason, "stop_reason": state.stop_reason,
+                "prompt_logprobs": prompt_logprobs_json(self.frontend.tokenizer, choice.prompt_token_ids,
+                                                        state.prompt_logprobs, request.return_tokens_as_token_ids)}
             if request.return_token_ids:
                 body_choice.update(prompt_token_ids=choice.prompt_token_ids, token_ids=state.token_ids)
             body_choices.append(body_choice)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,9 @@ from workers.kv_cache_alloc import allocate_kv_caches, kv_cache_bytes_per_block
 from workers.kv_connector.base import KVConnectorWorker
 from workers.loader import load_hf_config
 from workers.models import build_model
+from workers.prompt_logprobs import PromptLogprobsPlan, compute_prompt_logprobs, wants_prompt_logprobs
 from workers.sampler import RequestSamplingState, Sampler, make_sampling_state
+from workers.structured_output import StepMasks, StructuredOutputs
 
 logger = logging.getLogger("conveyor.model_runner")
 
@@ -57,6 +60,7 @@ class _StepInputs:
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # [num_sampling_reqs] int64 rows of the flattened batch to sample from
     sampling_reqs: list[int]  # index into the step's request list of each sampling row
+    prompt_logprobs: PromptLogprobsPlan | None = None  # rows scoring prompt tokens (requests with prompt_logprobs)
 
 
 class ModelRunner:
@@ -74,6 +78,9 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, _RequestState] = {}
         self.kv_connector: KVConnectorWorker | None = None  # disaggregated prefill/decode, set by the worker
+        # Grammar matchers for structured outputs: rank 0 samples, so only rank 0 keeps them.
+        self.structured_output = (StructuredOutputs(model_config.tokenizer_dir, model_config.eos_token_ids, device)
+                                  if tp_rank == 0 else None)
 
     # ------------------------------------------------------------------ KV cache sizing
 
@@ -141,16 +148,27 @@ class ModelRunner:
             return ModelRunnerOutput(request_ids=[], sampled_token_ids=[], logprobs=[],
                                      kv_connector_output=self._kv_connector_output(), rank=self.tp_rank)
         inputs = self._prepare_inputs(request_ids, scheduler_output.num_scheduled_tokens)
+        masks = None  # structured outputs: this step's token masks, computed on a thread during the forward
+        if self.structured_output is not None and inputs.sampling_reqs:
+            masks = self.structured_output.start(
+                [(request_ids[i], self.requests[request_ids[i]].sampling) for i in inputs.sampling_reqs],
+                self.requests.keys())
         hidden = self.model(inputs.input_ids, inputs.metadata.positions, self.kv_caches,
                             inputs.metadata)  # [num_tokens, hidden]
         sampled: list[list[int]] = [[] for _ in request_ids]
         logprobs: list[list[TokenLogprobs] | None] = [None] * len(request_ids)
+        prompt_logprobs = None
+        if inputs.prompt_logprobs is not None:  # before sampling: only requests with no output yet want them
+            prompt_logprobs = compute_prompt_logprobs(self.model.compute_logits, hidden, inputs.prompt_logprobs,
+                                                      len(request_ids), self.tp_rank == 0)
+        request_errors: dict[str, str] = {}
         if inputs.sampling_reqs:
             logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))  # [S, vocab] float32
             if self.tp_rank == 0:
-                self._sample(request_ids, inputs.sampling_reqs, logits, sampled, logprobs)
+                self._sample(request_ids, inputs.sampling_reqs, logits, sampled, logprobs, request_errors, masks)
         return ModelRunnerOutput(request_ids=request_ids, sampled_token_ids=sampled, logprobs=logprobs,
-                                 kv_connector_output=self._kv_connector_output(), rank=self.tp_rank)
+                                 kv_connector_output=self._kv_connector_output(), rank=self.tp_rank,
+                                 prompt_logprobs=prompt_logprobs, request_errors=request_errors or None)
 
     def _kv_connector_output(self) -> KVConnectorOutput | None:
         return self.kv_connector.collect() if self.kv_connector is not None else None
@@ -175,10 +193,18 @@ class ModelRunner:
     def _prepare_inputs(self, request_ids: list[str], num_scheduled: dict[str, int]) -> _StepInputs:
         token_ids: list[int] = []
         query_lens, seq_lens, block_tables, sampling_reqs, sample_rows = [], [], [], [], []
+        prompt_logprobs: PromptLogprobsPlan | None = None
         for i, request_id in enumerate(request_ids):
             state, query_len = self.requests[request_id], num_scheduled[request_id]
             start, end = state.num_computed_tokens, state.num_computed_tokens + query_len
             assert end <= len(state.token_ids), f"{request_id}: scheduled to {end} of {len(state.token_ids)} tokens"
+            sampling, num_prompt_tokens = state.sampling, len(state.sampling.prompt_token_ids)
+            # Rank-independent test (output_token_ids grows on rank 0 only): every rank must join compute_logits.
+            if wants_prompt_logprobs(sampling.params.prompt_logprobs, len(state.token_ids) - num_prompt_tokens,
+                                     start, num_prompt_tokens):
+                prompt_logprobs = prompt_logprobs or PromptLogprobsPlan()
+                prompt_logprobs.add(i, state.token_ids, num_prompt_tokens, start, end,
+                                    first_row=len(token_ids), num_top=sampling.params.prompt_logprobs or 0)
             token_ids.extend(state.token_ids[start:end])
             query_lens.append(query_len)
             seq_lens.append(end)
@@ -190,14 +216,29 @@ class ModelRunner:
         return _StepInputs(input_ids=torch.tensor(token_ids, dtype=torch.int64).to(self.device),
                            metadata=metadata,
                            sample_rows=torch.tensor(sample_rows, dtype=torch.int64).to(self.device),
-                           sampling_reqs=sampling_reqs)
+                           sampling_reqs=sampling_reqs, prompt_logprobs=prompt_logprobs)
 
     def _sample(self, request_ids: list[str], sampling_reqs: list[int], logits: torch.Tensor,
-                sampled: list[list[int]], logprobs: list[list[TokenLogprobs] | None]) -> None:
-        """Fill `sampled`/`logprobs` for the sampling requests and record each token in its sampling state."""
+                sampled: list[list[int]], logprobs: list[list[TokenLogprobs] | None],
+                request_errors: dict[str, str], masks: Future[StepMasks] | None = None) -> None:
+        """Fill `sampled`/`logprobs` for the sampling requests and record each token in its sampling state; a
+        request whose logits processors or grammar failed gets no token and its error in `request_errors`."""
         states = [self.requests[request_ids[i]].sampling for i in sampling_reqs]
+        grammar_errors: dict[int, str] = {}
+        if masks is not None and self.structured_output is not None:  # disallowed tokens -> -inf, in place
+            grammar_errors = self.structured_output.apply(masks, logits)
         output = self.sampler.sample(logits, states)
-        for i, state, token_id, token_logprobs in zip(sampling_reqs, states, output.token_ids, output.logprobs):
+        for row, (i, state, token_id, token_logprobs) in enumerate(
+                zip(sampling_reqs, states, output.token_ids, output.logprobs)):
+            if row in output.errors:
+                request_errors[request_ids[i]] = output.errors[row]
+                continue
+            grammar_error = grammar_errors.get(row)
+            if masks is not None and self.structured_output is not None and grammar_error is None:
+                grammar_error = self.structured_output.advance(request_ids[i], token_id)
+            if grammar_error is not None:
+                request_errors[request_ids[i]] = grammar_error
+                continue
             state.output_token_ids.append(token_id)
             sampled[i] = [token_id]
             logprobs[i] = token_logprobs

@@ -4,7 +4,8 @@ Pipeline (each stage runs only when some row of the batch needs it; rows that do
 
     raw logits ──▶ logprobs (log_softmax of the RAW logits, like vLLM's default `raw_logprobs`)
         │
-        ├─▶ logit_bias ─▶ min_tokens (mask EOS / stop ids) ─▶ repetition ─▶ presence/frequency penalties
+        ├─▶ logit_bias ─▶ allowed_token_ids ─▶ min_tokens (mask EOS / stop ids) + bad words ─▶ repetition
+        │   ─▶ presence/frequency penalties ─▶ logits processors named in vllm_xargs (workers/logits_processors.py)
         │
         ├─▶ greedy rows: argmax
         └─▶ sampled rows: / temperature ─▶ top_k ─▶ top_p ─▶ min_p ─▶ softmax ─▶ exponential race
@@ -18,11 +19,13 @@ batched, and the only device-to-host copies happen at the end.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from engine_core.protocol import SamplingParams, TokenLogprobs
+from workers.logits_processors import (apply_allowed_token_ids, apply_logits_processors, bad_word_bans,
+                                       needs_request_processing)
 
 # Temperatures below this are greedy (dividing by them would overflow).
 _GREEDY_TEMPERATURE = 1e-5
@@ -44,12 +47,15 @@ class RequestSamplingState:
     generator: torch.Generator | None
     eos_token_id: int | None = None
     prompt_ids_tensor: torch.Tensor | None = None
+    allowed_ids_tensor: torch.Tensor | None = None  # params.allowed_token_ids on the logits' device (cached)
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]  # one per request, in batch order
     logprobs: list[list[TokenLogprobs] | None]  # per request: None unless params.logprobs is set
+    # row -> why its logits processors failed (workers/logits_processors.py); such a row's token is meaningless
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 def make_sampling_state(
@@ -101,15 +107,19 @@ class Sampler:
         # [num_logprob_reqs, vocab]
         raw_logprobs = torch.log_softmax(logits[logprob_rows].float(), dim=-1) if logprob_rows else None
 
-        min_tokens_ids = [_min_tokens_ids(state) for state in states]
+        # min_tokens (EOS / stop ids) and bad words (the last token of a sequence the output is completing)
+        min_tokens_ids = [_min_tokens_ids(state) + bad_word_bans(state) for state in states]
         plain_greedy = all(_is_greedy(p) and not _has_penalties(p) and not p.logit_bias for p in params)
-        if plain_greedy and not any(min_tokens_ids):
+        errors: dict[int, str] = {}
+        if plain_greedy and not any(min_tokens_ids) and not any(map(needs_request_processing, states)):
             token_ids = logits.argmax(dim=-1)  # [num_reqs]
         else:
             processed = logits.to(torch.float32, copy=True)  # [num_reqs, vocab]
             _apply_logit_bias(processed, params)
+            apply_allowed_token_ids(processed, states)
             _apply_banned_tokens(processed, min_tokens_ids)
             _apply_penalties(processed, states)
+            errors = apply_logits_processors(processed, states)  # user processors selected via vllm_xargs
             token_ids = _sample_processed(processed, states)
 
         token_id_list: list[int] = token_ids.tolist()
@@ -118,7 +128,7 @@ class Sampler:
             chosen = token_ids[logprob_rows]  # [num_logprob_reqs]
             for row, entry in zip(logprob_rows, _gather_logprobs(raw_logprobs, chosen, params, logprob_rows)):
                 logprobs[row] = [entry]
-        return SamplerOutput(token_ids=token_id_list, logprobs=logprobs)
+        return SamplerOutput(token_ids=token_id_list, logprobs=logprobs, errors=errors)
 
 
 # --------------------------------------------------------------------------- logit processors

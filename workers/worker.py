@@ -56,8 +56,10 @@ def run_worker(model_config: ModelConfig, cache_config: CacheConfig, parallel_co
     try:
         runner = _start_runner(model_config, cache_config, parallel_config, rank, addresses,
                                rank if local_device_index is None else local_device_index)
+        from workers.logits_processors import registered_names
+
         results.send(encoder.encode(WorkerReady(rank=rank, num_blocks=runner.determine_num_blocks(),
-                                                device=str(runner.device))))
+                                                device=str(runner.device), logits_processors=registered_names())))
         steps = context.socket(zmq.PULL)
         steps.connect(addresses.input_address)
         _serve(runner, steps, results, encoder, rank, cache_config, parallel_config)
@@ -83,8 +85,10 @@ def _start_runner(model_config: ModelConfig, cache_config: CacheConfig, parallel
                   rank: int, addresses: WorkerAddresses, device_index: int) -> ModelRunner:
     import torch
 
+    from workers.logits_processors import load_plugins
     from workers.model_runner import ModelRunner
 
+    load_plugins()  # CONVEYOR_LOGITS_PROCESSORS modules and conveyor.logits_processors entry points
     if parallel_config.num_threads:
         torch.set_num_threads(parallel_config.num_threads)
     device = _choose_device(parallel_config.device, device_index)

@@ -49,10 +49,11 @@ class FrontendHarness:
     _next_client_index = itertools.count(3)  # distinct ZeroMQ identities when several share one fake core
 
     def __init__(self, core: FakeCore, *, model: str = "llama", api_key: str | None = None,
-                 heartbeat_timeout_s: float = 5.0, **model_overrides: Any) -> None:
+                 heartbeat_timeout_s: float = 5.0, frontend_options: dict[str, Any] | None = None,
+                 **model_overrides: Any) -> None:
         self.core = core
         self.config = model_config(model, **model_overrides)
-        frontend_config = FrontendConfig(host="127.0.0.1", port=0, api_key=api_key)
+        frontend_config = FrontendConfig(host="127.0.0.1", port=0, api_key=api_key, **(frontend_options or {}))
         self.engine_client = ZmqEngineClient(core.address, client_index=next(self._next_client_index),
                                              heartbeat_timeout_s=heartbeat_timeout_s)
         self.app = create_app(self.config, frontend_config, self.engine_client)

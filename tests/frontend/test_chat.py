@@ -124,7 +124,7 @@ def test_template_kwargs_tools_and_documents_reach_the_template(core: FakeCore) 
     try:
         harness.openai().chat.completions.create(
             model=SERVED_NAME, messages=USER, max_tokens=1,  # type: ignore[arg-type]
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}], tool_choice="none",
             extra_body={"documents": [{"text": "d1"}, {"text": "d2"}], "chat_template_kwargs": {"custom": "C"}})
     finally:
         harness.stop()
