@@ -10,20 +10,39 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from frontend.errors import BadRequestError
+
 logger = logging.getLogger("conveyor.frontend")
 
 _MAX_LOGPROBS = 20
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
+# Fields vLLM knows that Conveyor does not implement: a 400 naming them beats silently doing something else.
+_UNSUPPORTED_VLLM_FIELDS = {
+    "prompt_embeds": "prompt embeddings are not supported; send text or token ids",
+    "logits_processors": "per-request logits processor constructors are not supported; register a processor with "
+                         "the server and select it with vllm_xargs (see the README)",
+    "thinking_token_budget": "there is no reasoning parser here, so a thinking budget cannot be enforced",
+    "guided_decoding_backend": "guided decoding always uses llguidance; remove the field",
+}
+# vLLM's older guided decoding fields -> keys of structured_outputs.
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar", "guided_whitespace_pattern": "whitespace_pattern"}
+
+
 class OpenAIModel(BaseModel):
-    """Base: allow and log unknown fields."""
+    """Base: allow and log unknown fields; refuse the vLLM fields Conveyor does not implement."""
 
     model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="after")
     def _log_unknown_fields(self) -> OpenAIModel:
         if self.model_extra:
+            for name in self.model_extra:
+                if name in _UNSUPPORTED_VLLM_FIELDS and self.model_extra[name] is not None:
+                    # Not a ValueError: it must reach the error handler as is, with its param.
+                    raise BadRequestError(f"'{name}' is not supported: {_UNSUPPORTED_VLLM_FIELDS[name]}", param=name)
             logger.warning("%s: ignoring unknown field(s) %s", type(self).__name__, sorted(self.model_extra))
         return self
 
@@ -35,6 +54,20 @@ class StreamOptions(OpenAIModel):
 
 class SamplingRequest(OpenAIModel):
     """Fields shared by completions and chat completions. None means "not given" (defaults apply later)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guided_to_structured_outputs(cls, data: Any) -> Any:
+        """vLLM's older guided_json/guided_regex/... become structured_outputs, as vLLM users still send them."""
+        if not isinstance(data, dict) or not any(data.get(name) is not None for name in _GUIDED_FIELDS):
+            return data
+        data = dict(data)
+        guided = {key: data.pop(name) for name, key in _GUIDED_FIELDS.items() if data.get(name) is not None}
+        if data.get("structured_outputs") is not None:
+            raise BadRequestError("give structured_outputs or the older guided_* fields, not both",
+                                  param="structured_outputs")
+        data["structured_outputs"] = guided
+        return data
 
     model: Optional[str] = None
     n: int = Field(1, ge=1, le=128)

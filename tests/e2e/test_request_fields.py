@@ -81,3 +81,20 @@ def test_return_tokens_as_token_ids(llama_server: ConveyorServer) -> None:
         top_logprobs=1, extra_body={"return_tokens_as_token_ids": True})
     assert chat.choices[0].logprobs is not None
     assert all(item.token.startswith("token_id:") for item in chat.choices[0].logprobs.content)
+
+
+def test_older_guided_fields_map_to_structured_outputs(llama_server: ConveyorServer) -> None:
+    for _ in range(3):
+        body = _complete(llama_server, guided_choice=["red", "green", "blue"], temperature=1.0, max_tokens=8).json()
+        assert body["choices"][0]["text"] in ("red", "green", "blue"), body
+    both = _complete(llama_server, guided_regex="[ab]+", structured_outputs={"regex": "[cd]+"})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "structured_outputs"
+
+
+def test_vllm_fields_conveyor_does_not_implement_are_400(llama_server: ConveyorServer) -> None:
+    for field, value in (("prompt_embeds", "AAAA"), ("logits_processors", ["my.module:Processor"])):
+        response = _complete(llama_server, **{field: value})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == field and field in error["message"]
+    assert _complete(llama_server, some_future_openai_field=1).status_code == 200  # unknown: ignored, logged
