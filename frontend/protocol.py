@@ -240,7 +240,8 @@ class ChatTemplateFields(OpenAIModel):
         """continue_final_message renders without the generation prompt; asking for both is an error (vLLM)."""
         if self.continue_final_message and self.add_generation_prompt:
             if "add_generation_prompt" in self.model_fields_set:
-                raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+                raise BadRequestError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                                      param="continue_final_message")
             self.add_generation_prompt = False
         return self
 

@@ -86,7 +86,7 @@ class ChatServing:
         choices = make_choices(frontend, request_for_engine(tools, request), request_id, [prompt_token_ids],
                                [max_tokens], logprobs)
         constrain_choices(tools, choices)
-        role = "assistant" if request.add_generation_prompt else request.messages[-1].role
+        role = "assistant"  # the model wrote it, even when continuing a user's message (OpenAI's types allow no other)
         last = request.messages[-1]
         echo_text = last.text() if request.echo and last.role == role else ""
         header = {"id": request_id, "created": int(time.time()), "model": frontend.model_config.served_model_name}

@@ -16,6 +16,16 @@ router = APIRouter()
 
 @v1_router.get("/v1/models")
 async def list_models(state: FrontendState = Depends(get_state)) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+@v1_router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, state: FrontendState = Depends(get_state)) -> dict[str, Any]:
+    state.check_model(model_id)
+    return _model_card(state)
+
+
+def _model_card(state: FrontendState) -> dict[str, Any]:
     config = state.model_config
     card = {"id": config.served_model_name, "object": "model", "created": state.created, "owned_by": "conveyor",
             "root": config.model, "parent": None, "max_model_len": config.max_model_len,
@@ -24,7 +34,7 @@ async def list_models(state: FrontendState = Depends(get_state)) -> dict[str, An
                             "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
                             "allow_fine_tuning": False, "organization": "*", "group": None,
                             "is_blocking": False}]}
-    return {"object": "list", "data": [card]}
+    return card
 
 
 @router.get("/health")

@@ -323,7 +323,7 @@ def test_required_single_call_schema(servers: dict[str, FrontendHarness], tool_c
                              "tool_calls": [{"id": "c", "type": "function",
                                              "function": {"name": "f", "arguments": "{not json"}}]}]},
      "messages", "JSON"),
-    ("plain", {"continue_final_message": True, "add_generation_prompt": True}, None,
+    ("plain", {"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message",
      "Cannot set both `continue_final_message` and `add_generation_prompt`"),
 ])
 def test_bad_requests(server: str, body: dict[str, Any], param: str | None, message: str,
