@@ -39,7 +39,7 @@ from openai.types.responses import Response
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
-from tests.responses_validation import parse_sse, validate_event, validate_response
+from tests.responses_validation import parse_sse, validate_event, validate_response, visit_models
 from tests.server_harness import ConveyorServer
 
 # --------------------------------------------------------------------------- vLLM extras: name -> type check
@@ -120,8 +120,7 @@ def _extras_for(model: BaseModel) -> dict[str, Callable[[Any], None]]:
     return {}
 
 
-def check_extras(model: BaseModel, path: str = "") -> None:
-    """Every field the SDK does not declare, anywhere in the tree, is a known vLLM extra with a sane type."""
+def _check_model_extras(model: BaseModel, path: str) -> None:
     allowed = _extras_for(model)
     for name, value in (model.model_extra or {}).items():
         where = f"{path or type(model).__name__}.{name}"
@@ -130,19 +129,11 @@ def check_extras(model: BaseModel, path: str = "") -> None:
             allowed[name](value)
         except AssertionError as exc:
             raise AssertionError(f"{where}: {exc}") from None
-    for name in type(model).model_fields:
-        _walk(getattr(model, name), f"{path or type(model).__name__}.{name}")
 
 
-def _walk(value: Any, path: str) -> None:
-    if isinstance(value, BaseModel):
-        check_extras(value, path)
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _walk(item, f"{path}[{index}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _walk(item, f"{path}.{key}")
+def check_extras(model: BaseModel, path: str = "") -> None:
+    """Every field the SDK does not declare, anywhere in the tree, is a known vLLM extra with a sane type."""
+    visit_models(model, _check_model_extras, path)
 
 
 # --------------------------------------------------------------------------- per-route validators

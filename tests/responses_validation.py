@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel, TypeAdapter
@@ -21,22 +21,31 @@ HEAD_EVENTS = ["response.created", "response.in_progress", "response.output_item
 TAIL_EVENTS = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
 
 
-def _no_unknown_fields(model: BaseModel, path: str = "") -> None:
-    extra = set(model.model_extra or {}) - _ALLOWED_EXTRA.get(type(model), set())
-    assert not extra, f"{path or type(model).__name__}: fields unknown to the SDK: {sorted(extra)}"
+def visit_models(model: BaseModel, check: Callable[[BaseModel, str], None], path: str = "") -> None:
+    """Call `check(model, path)` on `model` and every pydantic model nested in it (lists and dicts included)."""
+    check(model, path)
     for name in type(model).model_fields:
-        _walk(getattr(model, name), f"{path}.{name}")
+        _visit(getattr(model, name), check, f"{path or type(model).__name__}.{name}")
 
 
-def _walk(value: Any, path: str) -> None:
+def _visit(value: Any, check: Callable[[BaseModel, str], None], path: str) -> None:
     if isinstance(value, BaseModel):
-        _no_unknown_fields(value, path)
+        visit_models(value, check, path)
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _walk(item, f"{path}[{index}]")
+            _visit(item, check, f"{path}[{index}]")
     elif isinstance(value, dict):
         for key, item in value.items():
-            _walk(item, f"{path}.{key}")
+            _visit(item, check, f"{path}.{key}")
+
+
+def _known_fields_only(model: BaseModel, path: str) -> None:
+    extra = set(model.model_extra or {}) - _ALLOWED_EXTRA.get(type(model), set())
+    assert not extra, f"{path or type(model).__name__}: fields unknown to the SDK: {sorted(extra)}"
+
+
+def _no_unknown_fields(model: BaseModel) -> None:
+    visit_models(model, _known_fields_only)
 
 
 def validate_response(raw: dict[str, Any]) -> Response:

@@ -114,6 +114,8 @@ class ToolOutputProcessor(ABC):
         self._calls: list[_CallRecord] = []
         self._pending_ws = ""  # whitespace after a call, dropped unless other content follows
         self._finished = False
+        self._state = "start"  # the subclass's scanner state; "content" once the rest is plain text
+        self._position = 0  # index into `text` the scanner has decided up to
 
     # ------------------------------------------------------------------ public
 
@@ -147,6 +149,11 @@ class ToolOutputProcessor(ABC):
 
     def _final_arguments(self, call: _CallRecord) -> str:
         return normalize_arguments(call.arguments)
+
+    def _fallback(self, start: int) -> None:
+        """The rest is content: from the beginning if no call was made yet (nothing was shown), else from `start`."""
+        self._state = "content"
+        self._position = start if self.tools_called else 0
 
     def _content(self, text: str) -> None:
         if not text:

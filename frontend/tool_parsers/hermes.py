@@ -20,7 +20,6 @@ class HermesToolParser(ToolParser):
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
-        self._position = 0  # text before this is decided
         self._call: JsonCallStream | None = None  # the open block's call, once its "{" is seen
         self._block_start = -1  # index after the open block's start marker; -1 outside a block
         self._block_invalid = False

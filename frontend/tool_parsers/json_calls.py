@@ -213,14 +213,7 @@ class JsonCallSequence(ToolOutputProcessor):
 
     def __init__(self) -> None:
         super().__init__()
-        self._state = "start"
-        self._position = 0
         self._call: JsonCallStream | None = None
-
-    def _fallback(self, start: int) -> None:
-        """The rest is content: from the beginning if no call was made yet (nothing was shown), else from `start`."""
-        self._state = "content"
-        self._position = start if self.tools_called else 0
 
     def _advance(self, final: bool) -> None:
         text = self.text

@@ -109,16 +109,10 @@ class PythonicToolParser(ToolParser):
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         super().__init__(tools)
-        self._state = "start"
-        self._position = 0
         self._call_start = 0  # index of the open call's name
         self._record: _CallRecord | None = None
         self._args_start = 0  # index after the open call's "("
         self._num_args_sent = 0
-
-    def _fallback(self, start: int) -> None:
-        self._state = "content"
-        self._position = start if self.tools_called else 0
 
     def _advance(self, final: bool) -> None:
         text = self.text
