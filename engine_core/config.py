@@ -12,6 +12,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+RUNNERS = ("generate", "pooling")
+CONVERSIONS = ("none", "embed", "classify")
+POOLING_TYPES = ("CLS", "MEAN", "LAST")
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """How a pooling model turns a prompt's hidden states into its result; resolved once at start-up from the
+    checkpoint (config.json, sentence-transformers' modules.json and 1_Pooling/config.json) and --pooler-config."""
+
+    pooling_type: str = "MEAN"  # CLS | MEAN | LAST: which rows make the sequence vector
+    normalize: bool = True  # embed: L2-normalize unless a request says otherwise
+    embedding_size: int = 0  # values in one embedding (the hidden size)
+    num_labels: int = 0  # > 0: a classification head (1 = a cross-encoder's relevance score)
+    id2label: dict[int, str] = field(default_factory=dict)
+    classifier_activation: str = "softmax"  # "softmax" | "sigmoid" (one label, or multi-label classification)
+    is_matryoshka: bool = False  # requests may shorten embeddings with `dimensions`
+    matryoshka_dimensions: tuple[int, ...] = ()  # the `dimensions` allowed (empty: any up to embedding_size)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The pooling tasks (protocol.POOLING_TASKS) this model serves."""
+        if self.num_labels:
+            return ("classify", "token_classify") + (("score",) if self.num_labels == 1 else ())
+        return ("embed", "token_embed")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What to load and how to present it. `model` is a Hugging Face folder or a `.gguf` file."""
@@ -28,6 +55,10 @@ class ModelConfig:
     chat_template: str | None = None  # --chat-template: a file path or the template itself
     # Frontends only: the logits processor names the engine's workers registered (from the engine's ModelInfo).
     logits_processors: tuple[str, ...] = ()
+    runner: str = "generate"  # RUNNERS: "pooling" serves embeddings / classification / scores instead of text
+    convert: str = "none"  # CONVERSIONS: serve a generative checkpoint as a pooling model ("embed" | "classify")
+    pooler: PoolerConfig | None = None  # set exactly when runner == "pooling"
+    score_template: str | None = None  # --score-template: Jinja text rendering a (query, document) pair
 
 
 KV_CONNECTORS = ("ZmqPullConnector", "SharedStorageConnector")

@@ -68,6 +68,51 @@ class SamplingParams(msgspec.Struct, **_WIRE):
     logits_processor_args: Union[dict[str, Any], None] = None  # vllm_xargs, passed to those processors
 
 
+# --------------------------------------------------------------------------- pooling
+
+
+POOLING_TASKS = ("embed", "classify", "score", "token_embed", "token_classify")
+
+
+class PoolingParams(msgspec.Struct, **_WIRE):
+    """A pooling request: run the prompt once, return pooled hidden states instead of generating.
+
+    `task`: "embed" (one vector), "classify" (class scores of the sequence), "score" (a cross-encoder's relevance,
+    the classify head with one label), "token_embed" / "token_classify" (one row per prompt token). None fields
+    take the model's default (`PoolerConfig`): `normalize` for embeddings, `use_activation` (softmax/sigmoid) for
+    class scores. `dimensions` keeps the first N embedding values (matryoshka), before normalizing.
+    `token_type_ids`: BERT segment ids, one per prompt token (a cross-encoder's query/document pair).
+    """
+
+    task: str = "embed"
+    normalize: Union[bool, None] = None
+    use_activation: Union[bool, None] = None
+    dimensions: Union[int, None] = None
+    token_type_ids: Union[list[int], None] = None
+
+
+class PoolingOutput(msgspec.Struct, **_WIRE):
+    """A pooled result as raw little-endian float32 bytes (a list of floats would cost 9 bytes per value on the
+    wire): `shape` is [n] for a sequence result, [num_tokens, n] for a per-token one."""
+
+    shape: list[int]
+    data: bytes
+
+    def to_list(self) -> list[float] | list[list[float]]:
+        import array
+        import sys
+
+        values = array.array("f")
+        values.frombytes(self.data)
+        if sys.byteorder == "big":
+            values.byteswap()
+        flat = values.tolist()
+        if len(self.shape) == 1:
+            return flat
+        width = self.shape[-1]
+        return [flat[i:i + width] for i in range(0, len(flat), width)]
+
+
 class TokenLogprobs(msgspec.Struct, **_WIRE):
     """Log-probabilities for one generated position (raw model distribution, before sampling transforms)."""
 
@@ -81,6 +126,9 @@ class TokenLogprobs(msgspec.Struct, **_WIRE):
 
 
 class EngineCoreRequest(msgspec.Struct, tag="req", **_WIRE):
+    """`sampling_params` is ignored (send the default) when `pooling_params` is set: a pooling request computes
+    its prompt once and finishes with `EngineCoreOutput.pooling_output`, generating no token."""
+
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
@@ -92,6 +140,7 @@ class EngineCoreRequest(msgspec.Struct, tag="req", **_WIRE):
     # Disaggregated prefill/decode: {"do_remote_decode": true} on a prefill instance; the prefill's returned
     # params (do_remote_prefill, remote_*) on a decode instance. Opaque to the frontend.
     kv_transfer_params: Union[dict[str, Any], None] = None
+    pooling_params: Union[PoolingParams, None] = None
 
 
 class AbortRequest(msgspec.Struct, tag="abort", **_WIRE):
@@ -132,6 +181,7 @@ class EngineCoreOutput(msgspec.Struct, **_WIRE):
     kv_transfer_params: Union[dict[str, Any], None] = None  # set on the last output of a prefill for remote decode
     # On the first output only, with SamplingParams.prompt_logprobs: one entry per prompt token (None for the first).
     prompt_logprobs: Union[list[Union[TokenLogprobs, None]], None] = None
+    pooling_output: Union[PoolingOutput, None] = None  # a pooling request's result (its only, finished output)
 
     @property
     def finished(self) -> bool:
@@ -158,6 +208,19 @@ class SchedulerStats(msgspec.Struct, **_WIRE):
     num_blocks_held_for_transfer: int = 0  # gauge: blocks a producer keeps until consumers pull them
 
 
+class PoolerInfo(msgspec.Struct, **_WIRE):
+    """`engine_core.config.PoolerConfig` on the wire (see there)."""
+
+    pooling_type: str
+    normalize: bool
+    embedding_size: int
+    num_labels: int = 0
+    id2label: dict[int, str] = {}
+    classifier_activation: str = "softmax"
+    is_matryoshka: bool = False
+    matryoshka_dimensions: list[int] = []
+
+
 class ModelInfo(msgspec.Struct, **_WIRE):
     """What a frontend needs of the model; files travel as bytes so a frontend on another host needs no copy."""
 
@@ -172,6 +235,10 @@ class ModelInfo(msgspec.Struct, **_WIRE):
     chat_template: Union[str, None]  # the template text given with --chat-template
     tokenizer_files: dict[str, bytes]  # file name -> content (tokenizer.json, tokenizer_config.json, ...)
     logits_processors: list[str] = []  # names the workers registered (vllm_xargs.logits_processors must be one)
+    runner: str = "generate"  # "generate" | "pooling"
+    convert: str = "none"  # "none" | "embed" | "classify": a generative checkpoint served as a pooling model
+    pooler: Union[PoolerInfo, None] = None  # pooling runner only
+    score_template: Union[str, None] = None  # --score-template text: renders a query/document pair into one prompt
 
 
 class EngineInfo(msgspec.Struct, **_WIRE):
@@ -255,6 +322,7 @@ class NewRequestData(msgspec.Struct, **_WIRE):
     block_ids: list[int]
     num_computed_tokens: int  # tokens whose KV is already in the cache (prefix-cache hits)
     eos_token_id: Union[int, None] = None  # masked until min_tokens are out
+    pooling_params: Union[PoolingParams, None] = None  # a pooling request: pool once the prompt is computed
 
 
 class CachedRequestData(msgspec.Struct, **_WIRE):
@@ -317,6 +385,8 @@ class ModelRunnerOutput(msgspec.Struct, tag="result", **_WIRE):
     prompt_logprobs: Union[list[Union[list[Union[TokenLogprobs, None]], None]], None] = None
     # Requests that failed on their own (their sampled list is empty), e.g. a logits processor error: id -> why.
     request_errors: Union[dict[str, str], None] = None
+    # Per request (same order): the result of a pooling request whose prompt this step completed, else None.
+    pooling_outputs: Union[list[Union[PoolingOutput, None]], None] = None
 
 
 class WorkerFailure(msgspec.Struct, tag="failure", **_WIRE):
