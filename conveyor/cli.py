@@ -63,6 +63,18 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--generation-config", default="auto",
                        help="'auto' (model folder), 'vllm' (engine defaults) or a folder")
     group.add_argument("--trust-remote-code", action="store_true", help="accepted for vLLM compatibility")
+    group.add_argument("--runner", choices=["auto", "generate", "pooling"], default="auto",
+                       help="generate text, or pool (embeddings, classification, scores); auto: pooling for "
+                            "encoders, *ForSequenceClassification and sentence-transformers folders")
+    group.add_argument("--convert", choices=["auto", "none", "embed", "classify"], default="auto",
+                       help="serve a generative checkpoint as a pooling model (last-token pooling)")
+    group.add_argument("--pooler-config", default=None,
+                       help='override the pooling, e.g. \'{"pooling_type": "MEAN", "normalize": false}\'')
+    group.add_argument("--score-template", default=None,
+                       help="a Jinja2 template file (or the template itself) rendering a query/document pair "
+                            "(messages with roles 'query' and 'document') into one prompt for /score and /rerank")
+    group.add_argument("--task", choices=["auto", "generate", "embed", "embedding", "classify", "score"],
+                       default="auto", help=argparse.SUPPRESS)  # older vLLM spelling of --runner/--convert
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +143,7 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
     import importlib.util
 
     from conveyor.model_source import resolve_model_config
+    from conveyor.pooling_config import parse_pooler_config
 
     if args.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
         raise SystemExit("--distributed-executor-backend ray needs Ray: pip install 'ray[serve]==2.60.0' "
@@ -138,26 +151,48 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
     device = args.device
     if device == "auto":
         device = "cuda" if _cuda_visible() else "cpu"
-    model = resolve_model_config(
-        args.model or args.model_flag, served_model_name=(args.served_model_name or [None])[0],
-        tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-        generation_config=args.generation_config, chat_template=args.chat_template, device=device)
-    max_batched = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else model.max_model_len)
+    runner, convert = _runner_and_convert(args)
+    try:
+        model, mode = resolve_model_config(
+            args.model or args.model_flag, served_model_name=(args.served_model_name or [None])[0],
+            tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+            generation_config=args.generation_config, chat_template=args.chat_template, device=device,
+            runner=runner, convert=convert,
+            pooler_overrides=parse_pooler_config(args.pooler_config) if args.pooler_config else None,
+            score_template=args.score_template)
+    except ValueError as exc:
+        raise SystemExit(f"conveyor serve: {exc}") from None
+    chunked_prefill, prefix_caching = args.enable_chunked_prefill, args.enable_prefix_caching
+    max_batched = args.max_num_batched_tokens or (2048 if chunked_prefill else model.max_model_len)
+    if mode.is_encoder:  # bidirectional attention over the whole prompt at once; no KV cache to share
+        chunked_prefill, prefix_caching = False, False
+        max_batched = max(max_batched, model.max_model_len)
     engine = EngineConfig(
         model=model,
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_memory_bytes=parse_byte_size(args.kv_cache_memory) if args.kv_cache_memory else None,
-                          enable_prefix_caching=args.enable_prefix_caching,
+                          enable_prefix_caching=prefix_caching,
                           num_blocks_override=args.num_gpu_blocks_override, kv_transfer=args.kv_transfer_config),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=args.max_num_seqs,
                                   max_model_len=model.max_model_len, policy=args.scheduling_policy,
-                                  enable_chunked_prefill=args.enable_chunked_prefill),
+                                  enable_chunked_prefill=chunked_prefill,
+                                  pooling_tasks=model.pooler.tasks if model.pooler is not None else ()),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, device=device,
                                 data_parallel_size=args.data_parallel_size,
                                 distributed_executor_backend=args.distributed_executor_backend),
         engine_address=engine_address,
     )
     return engine, frontend_config_from_args(args)
+
+
+def _runner_and_convert(args: argparse.Namespace) -> tuple[str, str]:
+    """--runner/--convert, or what the older --task spelling means."""
+    task = {"embedding": "embed", "score": "classify"}.get(args.task, args.task)
+    if task == "generate":
+        return "generate", args.convert
+    if task in ("embed", "classify"):
+        return "pooling", task if args.convert == "auto" else args.convert
+    return args.runner, args.convert
 
 
 def _cuda_visible() -> bool:

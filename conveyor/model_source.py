@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine_core.config import ModelConfig
+from conveyor.pooling_config import ServingMode, resolve_serving_mode
+from engine_core.config import ModelConfig, read_text_or_file
 
 logger = logging.getLogger("conveyor.model")
 
@@ -35,6 +36,7 @@ class _CheckpointFacts:
     max_position_embeddings: int
     dtype: str
     eos_token_ids: tuple[int, ...]
+    hf_config: dict[str, Any]  # config.json as read (GGUF: {"architectures": [...]})
 
 
 def default_model_path() -> str:
@@ -48,8 +50,11 @@ def default_model_path() -> str:
 def resolve_model_config(model: str | None, served_model_name: str | None = None, tokenizer: str | None = None,
                          dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
                          generation_config: str = "auto", chat_template: str | None = None,
-                         device: str = "cpu") -> ModelConfig:
-    """Read what every process needs to know about the model, without loading weights."""
+                         device: str = "cpu", runner: str = "auto", convert: str = "auto",
+                         pooler_overrides: dict[str, Any] | None = None,
+                         score_template: str | None = None) -> tuple[ModelConfig, ServingMode]:
+    """Read what every process needs to know about the model, without loading weights; the serving mode says
+    whether it generates or pools (and how)."""
     path = model or default_model_path()
     if not os.path.exists(path):
         raise ModelNotFoundError(f"model {path!r} is neither a local folder nor a .gguf file")
@@ -61,21 +66,28 @@ def resolve_model_config(model: str | None, served_model_name: str | None = None
         facts = _folder_facts(path)
         tokenizer_dir = tokenizer or path
         default_name = model or path
+    mode = resolve_serving_mode(None if path.endswith(".gguf") else Path(path), facts.hf_config, runner, convert,
+                                pooler_overrides)
     limit = facts.max_position_embeddings
+    if mode.is_encoder and facts.hf_config.get("model_type") in ("roberta", "xlm-roberta"):
+        limit -= int(facts.hf_config.get("pad_token_id", 1)) + 1  # positions start after the padding index
+    default_len = min(limit, mode.max_seq_length or limit)
     if max_model_len is not None and max_model_len > limit:
         logger.warning("--max-model-len %d exceeds the model's %d positions", max_model_len, limit)
     return ModelConfig(
-        model=path,
+        model=path, runner=mode.runner, convert=mode.convert, pooler=mode.pooler,
+        score_template=read_text_or_file(score_template),
         served_model_name=served_model_name or default_name,
         tokenizer_dir=tokenizer_dir,
         architecture=facts.architecture,
         dtype=_resolve_dtype(dtype, facts.dtype, device),
-        max_model_len=max_model_len or limit,
+        max_model_len=max_model_len or default_len,
         seed=seed,
         eos_token_ids=facts.eos_token_ids or _tokenizer_eos_ids(tokenizer_dir),
         generation_config=generation_config,
         chat_template=chat_template,
-    )
+    ), mode
+
 
 
 def _resolve_dtype(requested: str, checkpoint_dtype: str, device: str) -> str:
@@ -104,6 +116,7 @@ def _folder_facts(folder: str) -> _CheckpointFacts:
         max_position_embeddings=int(text_config.get("max_position_embeddings", 2048)),
         dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
         eos_token_ids=(eos,) if isinstance(eos, int) else tuple(eos or ()),
+        hf_config=config,
     )
 
 
@@ -126,6 +139,7 @@ def _gguf_facts(path: str) -> _CheckpointFacts:
         max_position_embeddings=int(field(f"{arch}.context_length") or 2048),
         dtype="float32",  # dequantized at load time
         eos_token_ids=() if eos is None else (int(eos),),
+        hf_config={"architectures": [_GGUF_ARCHITECTURES[arch]]},
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +148,7 @@ class SchedulerConfig:
     max_model_len: int = 2048
     policy: str = "fcfs"  # "fcfs" | "priority"
     enable_chunked_prefill: bool = True
+    pooling_tasks: tuple[str, ...] = ()  # a pooling runner: the tasks it serves (generation requests are refused)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,19 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     engine_address: str = ""  # ZeroMQ address frontends connect to, e.g. ipc:///tmp/conveyor-xyz/engine
     dp_master_address: str = ""  # data-parallel rank > 0: rank 0's engine_address, where this core registers
+
+
+def read_text_or_file(value: str | None) -> str | None:
+    """A flag that takes a file path or the text itself (--chat-template, --score-template): the text."""
+    if value is None:
+        return None
+    try:
+        path = Path(value)
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    except OSError:  # long text is not a valid path
+        pass
+    return value
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

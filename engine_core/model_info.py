@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine_core.config import ModelConfig
-from engine_core.protocol import ModelInfo
+from engine_core.config import ModelConfig, PoolerConfig, read_text_or_file
+from engine_core.protocol import ModelInfo, PoolerInfo
 
 # Tokenizer folders hold tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja,
 # vocab/merges files, ...; weights never have these suffixes.
@@ -31,8 +31,25 @@ def describe_model(config: ModelConfig, logits_processors: list[str] | None = No
                      architecture=config.architecture, dtype=config.dtype, max_model_len=config.max_model_len,
                      seed=config.seed, eos_token_ids=list(config.eos_token_ids),
                      use_generation_config=use_generation_config,
-                     chat_template=_read_template(config.chat_template), tokenizer_files=files,
-                     logits_processors=list(logits_processors or []))
+                     chat_template=read_text_or_file(config.chat_template), tokenizer_files=files,
+                     logits_processors=list(logits_processors or []), runner=config.runner,
+                     convert=config.convert, pooler=None if config.pooler is None else pooler_info(config.pooler),
+                     score_template=config.score_template)
+
+
+def pooler_info(pooler: PoolerConfig) -> PoolerInfo:
+    return PoolerInfo(pooling_type=pooler.pooling_type, normalize=pooler.normalize,
+                      embedding_size=pooler.embedding_size, num_labels=pooler.num_labels,
+                      id2label=dict(pooler.id2label), classifier_activation=pooler.classifier_activation,
+                      is_matryoshka=pooler.is_matryoshka, matryoshka_dimensions=list(pooler.matryoshka_dimensions))
+
+
+def pooler_config(info: PoolerInfo) -> PoolerConfig:
+    """The inverse of `pooler_info`, for frontends rebuilding the model config from the engine's answer."""
+    return PoolerConfig(pooling_type=info.pooling_type, normalize=info.normalize,
+                        embedding_size=info.embedding_size, num_labels=info.num_labels, id2label=dict(info.id2label),
+                        classifier_activation=info.classifier_activation, is_matryoshka=info.is_matryoshka,
+                        matryoshka_dimensions=tuple(info.matryoshka_dimensions))
 
 
 def _generation_config_folder(config: ModelConfig) -> Path:
@@ -42,15 +59,3 @@ def _generation_config_folder(config: ModelConfig) -> Path:
     model_path = Path(config.model)
     return model_path if model_path.is_dir() else Path(config.tokenizer_dir)
 
-
-def _read_template(value: str | None) -> str | None:
-    """--chat-template is a file path or the template itself; frontends elsewhere cannot read our files."""
-    if value is None:
-        return None
-    try:
-        path = Path(value)
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    except OSError:  # a long template is not a valid path
-        pass
-    return value

@@ -1,4 +1,4 @@
-"""`Request`: the engine core's mutable view of one generation request. It never leaves this process.
+"""`Request`: the engine core's mutable view of one generation or pooling request. It never leaves this process.
 
 Token regions of a request (one list, `all_token_ids`):
 
@@ -17,7 +17,8 @@ import enum
 from typing import Any
 
 from engine_core.block_hash import BlockHash
-from engine_core.protocol import EngineCoreRequest, RepetitionDetection, SamplingParams, TokenLogprobs
+from engine_core.protocol import (EngineCoreRequest, PoolingParams, RepetitionDetection, SamplingParams,
+                                  TokenLogprobs)
 
 
 class RequestStatus(enum.IntEnum):
@@ -63,6 +64,7 @@ class Request:
         cache_salt: str | None = None,
         client_index: int = 0,
         kv_transfer_params: dict[str, Any] | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -76,6 +78,7 @@ class Request:
         self.client_index = client_index
         self.kv_transfer_params = kv_transfer_params  # from the client (see engine_core/kv_transfer.py)
         self.kv_transfer_params_out: dict[str, Any] | None = None  # for the response: a producer's hand-off
+        self.pooling_params = pooling_params  # a pooling request: finishes with its pooled result, no tokens
 
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
@@ -107,6 +110,7 @@ class Request:
             cache_salt=req.cache_salt,
             client_index=req.client_index,
             kv_transfer_params=req.kv_transfer_params,
+            pooling_params=req.pooling_params,
         )
 
     @property

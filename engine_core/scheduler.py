@@ -29,6 +29,7 @@ from engine_core.protocol import (
     KVConnectorOutput,
     ModelRunnerOutput,
     NewRequestData,
+    PoolingOutput,
     SchedulerOutput,
     SchedulerStats,
     TokenLogprobs,
@@ -39,6 +40,7 @@ from engine_core.request_queue import make_request_queue
 logger = logging.getLogger("conveyor.scheduler")
 
 _NO_SAMPLE = "the worker returned no sampled token for a request whose tokens were all computed"
+_NO_POOLING_OUTPUT = "the worker returned no pooled result for a pooling request whose prompt was computed"
 
 
 @dataclass
@@ -154,6 +156,13 @@ class Scheduler:
         if num_prompt_tokens > self.kv_cache.capacity_tokens:
             return (f"the prompt has {num_prompt_tokens} tokens, more than the KV cache holds "
                     f"({self.kv_cache.num_blocks} blocks of {self.kv_cache.block_size} tokens)")
+        pooling_tasks = self.config.pooling_tasks
+        if req.pooling_params is None and pooling_tasks:
+            return "this model is served with --runner pooling: it does not generate text"
+        if req.pooling_params is not None and req.pooling_params.task not in pooling_tasks:
+            return (f"this model does not serve the pooling task {req.pooling_params.task!r}"
+                    + (f" (it serves: {', '.join(pooling_tasks)})" if pooling_tasks
+                       else ": it is served with --runner generate"))
         return None
 
     def _finish(self, request: Request, status: RequestStatus, stop_reason: int | str | None = None) -> None:
@@ -224,9 +233,11 @@ class Scheduler:
 
     def _try_start(self, request: Request, plan: _StepPlan) -> bool:
         """Start `request` (the queue head) from its cached prefix; False (nothing changed) if it does not fit."""
-        # Pending prompt logprobs need the whole prompt computed here: no prefix-cache hits (vLLM does the same).
+        # Pending prompt logprobs, and pooling (which reads every prompt row's hidden state), need the whole prompt
+        # computed here: no prefix-cache hits (vLLM does the same).
+        must_compute_prompt = request.prompt_logprobs is not None or request.pooling_params is not None
         computed_blocks, num_cached_tokens = (
-            ([], 0) if request.prompt_logprobs is not None else self.kv_cache.get_computed_blocks(request))
+            ([], 0) if must_compute_prompt else self.kv_cache.get_computed_blocks(request))
         if self.kv_connector is not None and request.status == RequestStatus.WAITING:
             num_external_tokens = self.kv_connector.num_external_tokens(request, num_cached_tokens)
             if num_external_tokens:
@@ -334,7 +345,7 @@ class Scheduler:
                 new_requests.append(NewRequestData(
                     request.request_id, request.take_unsent_token_ids(), request.num_prompt_tokens,
                     request.sampling_params, list(request.block_ids), request.num_computed_tokens,
-                    request.eos_token_id))
+                    request.eos_token_id, request.pooling_params))
             else:
                 cached_requests.append(CachedRequestData(
                     request.request_id, request.take_unsent_token_ids(), plan.new_block_ids[request.request_id],
@@ -378,6 +389,9 @@ class Scheduler:
             # Only a step that brought the request level samples; a mid-prefill chunk has nothing to report.
             if request.num_computed_tokens < request.num_tokens:
                 continue
+            if request.pooling_params is not None:
+                outputs[request.client_index].append(self._finish_pooling(request, runner_output, i))
+                continue
             token_ids = runner_output.sampled_token_ids[i] if i is not None else []
             if not token_ids:  # failed on its own (request_errors), or the worker broke the contract: fail it
                 error = (runner_output.request_errors or {}).get(request_id, _NO_SAMPLE)
@@ -387,6 +401,17 @@ class Scheduler:
             logprobs = runner_output.logprobs[i] if i is not None and i < len(runner_output.logprobs) else None
             outputs[request.client_index].append(self._append_sampled(request, token_ids, logprobs))
         return dict(outputs)
+
+    def _finish_pooling(self, request: Request, runner_output: ModelRunnerOutput, i: int | None) -> EngineCoreOutput:
+        """A pooling request whose prompt is computed is done: its one output carries the pooled result."""
+        pooled = runner_output.pooling_outputs
+        result: PoolingOutput | None = pooled[i] if pooled is not None and i is not None and i < len(pooled) else None
+        if result is None:
+            error = (runner_output.request_errors or {}).get(request.request_id, _NO_POOLING_OUTPUT)
+            self._finish(request, RequestStatus.FINISHED_ERROR, error)
+            return self._make_output(request, [])
+        self._finish(request, RequestStatus.FINISHED_STOPPED)
+        return self._make_output(request, [], pooling_output=result)
 
     def _apply_kv_connector_output(self, kv_output: KVConnectorOutput | None,
                                    outputs: dict[int, list[EngineCoreOutput]]) -> None:
@@ -411,12 +436,13 @@ class Scheduler:
         return self._make_output(request, token_ids[:num_kept], None if logprobs is None else logprobs[:num_kept])
 
     @staticmethod
-    def _make_output(request: Request, token_ids: list[int],
-                     logprobs: list[TokenLogprobs] | None = None) -> EngineCoreOutput:
+    def _make_output(request: Request, token_ids: list[int], logprobs: list[TokenLogprobs] | None = None,
+                     pooling_output: PoolingOutput | None = None) -> EngineCoreOutput:
         return EngineCoreOutput(
             request.request_id, token_ids, new_logprobs=logprobs, finish_reason=request.status.finish_reason,
             stop_reason=request.stop_reason, num_cached_tokens=max(0, request.num_cached_tokens),
-            kv_transfer_params=request.kv_transfer_params_out, prompt_logprobs=request.take_prompt_logprobs())
+            kv_transfer_params=request.kv_transfer_params_out, prompt_logprobs=request.take_prompt_logprobs(),
+            pooling_output=pooling_output)
 
     def _fail_step(self, scheduler_output: SchedulerOutput, message: str,
                    outputs: dict[int, list[EngineCoreOutput]]) -> None:

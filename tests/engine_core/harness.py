@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import struct
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -18,6 +19,8 @@ from engine_core.protocol import (
     EngineCoreOutput,
     EngineCoreRequest,
     ModelRunnerOutput,
+    PoolingOutput,
+    PoolingParams,
     SamplingParams,
     SchedulerOutput,
     TokenLogprobs,
@@ -30,10 +33,12 @@ _request_counter = itertools.count()
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_batched_tokens: int = 64,
                    max_num_seqs: int = 16, max_model_len: int = 1024, policy: str = "fcfs",
-                   enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True) -> Scheduler:
+                   enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                   pooling_tasks: tuple[str, ...] = ()) -> Scheduler:
     return Scheduler(
         SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                        max_model_len=max_model_len, policy=policy, enable_chunked_prefill=enable_chunked_prefill),
+                        max_model_len=max_model_len, policy=policy, enable_chunked_prefill=enable_chunked_prefill,
+                        pooling_tasks=pooling_tasks),
         CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching),
         num_blocks)
 
@@ -56,6 +61,19 @@ def make_request(request_id: str | None = None, num_tokens: int = 8, *, prompt_t
     return EngineCoreRequest(request_id, prompt, params, eos_token_id,
                              arrival_time=float(n) if arrival_time is None else arrival_time,
                              priority=priority, cache_salt=cache_salt, client_index=client_index)
+
+
+def make_pooling_request(request_id: str | None = None, num_tokens: int = 8, task: str = "embed",
+                         **kwargs: object) -> EngineCoreRequest:
+    request = make_request(request_id, num_tokens, **kwargs)  # type: ignore[arg-type]
+    return EngineCoreRequest(request.request_id, request.prompt_token_ids, SamplingParams(), None,
+                             request.arrival_time, priority=request.priority, cache_salt=request.cache_salt,
+                             client_index=request.client_index, pooling_params=PoolingParams(task=task))
+
+
+def pooled_value(prompt: list[int]) -> PoolingOutput:
+    """The fake model's pooled result: the prompt's token sum, as one float32."""
+    return PoolingOutput(shape=[1], data=struct.pack("<f", float(sum(prompt))))
 
 
 def make_requests(num_requests: int, num_tokens: int, **kwargs: object) -> list[EngineCoreRequest]:
@@ -86,6 +104,7 @@ class FakeRunner:
         self.forced: dict[str, list[int]] = defaultdict(list)  # request id -> tokens to emit next, in order
         self.fail_next: str | None = None
         self.with_logprobs = False
+        self.pooling: set[str] = set()  # requests the scheduler sent with pooling_params
 
     @classmethod
     def for_scheduler(cls, scheduler: Scheduler) -> FakeRunner:
@@ -97,25 +116,35 @@ class FakeRunner:
             message, self.fail_next = self.fail_next, None
             return ModelRunnerOutput([], [], [], error=message)
         request_ids, sampled, logprobs = [], [], []
+        pooled: list[PoolingOutput | None] = []
         for request_id, num_tokens in step.num_scheduled_tokens.items():
             token_id = self._run(request_id, num_tokens)
             request_ids.append(request_id)
+            if request_id in self.pooling:  # pooling requests never sample
+                pooled.append(None if token_id is None else pooled_value(self.tokens[request_id]))
+                token_id = None
+            else:
+                pooled.append(None)
             sampled.append([] if token_id is None else [token_id])
             logprobs.append(None if token_id is None or not self.with_logprobs
                             else [TokenLogprobs(logprob=-0.5, rank=1)])
-        return ModelRunnerOutput(request_ids, sampled, logprobs)
+        return ModelRunnerOutput(request_ids, sampled, logprobs,
+                                 pooling_outputs=pooled if any(p is not None for p in pooled) else None)
 
     def _apply_diffs(self, step: SchedulerOutput) -> None:
         for request_id in step.finished_request_ids:
             assert request_id in self.tokens, f"told to forget unknown {request_id}"
             for table in (self.tokens, self.block_ids, self.num_computed):
                 del table[request_id]
+            self.pooling.discard(request_id)
         for new in step.new_requests:
             assert new.request_id not in self.tokens, f"{new.request_id} sent as new twice"
             assert new.num_computed_tokens % self.block_size == 0, "prefix hits come in whole blocks"
             self.tokens[new.request_id] = list(new.token_ids)
             self.block_ids[new.request_id] = list(new.block_ids)
             self.num_computed[new.request_id] = new.num_computed_tokens
+            if new.pooling_params is not None:
+                self.pooling.add(new.request_id)
         for diff in step.cached_requests:
             assert diff.request_id in self.tokens, f"diff for unknown {diff.request_id}"
             assert diff.num_computed_tokens == self.num_computed[diff.request_id], "progress out of sync"
