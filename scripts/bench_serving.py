@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Benchmark OpenAI-compatible servers on /v1/completions with streaming, side by side.
+"""Benchmark OpenAI-compatible servers on /v1/completions with streaming (or /v1/embeddings), side by side.
+
+`--mode embeddings` measures sentences/s on /v1/embeddings instead (see scripts/bench_embeddings.py).
 
     python scripts/bench_serving.py --tokenizer /work/peers/smollm2-hf \\
         --target conveyor=http://127.0.0.1:8100 --target vllm=http://127.0.0.1:8200 \\
@@ -358,6 +360,10 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["completions", "embeddings"], default="completions")
+    p.add_argument("--num-sentences", type=int, default=512, help="embeddings: sentences per level")
+    p.add_argument("--in-process", metavar="MODEL_DIR",
+                   help="embeddings: add sentence-transformers encode() on this folder as an in-process baseline")
     p.add_argument("--target", action="append", type=parse_target, default=[], metavar="NAME=BASE_URL",
                    help="a server to benchmark (repeatable); BASE_URL like http://127.0.0.1:8000")
     p.add_argument("--base-url", help="shorthand for a single --target NAME=BASE_URL named 'server'")
@@ -389,7 +395,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give at least one --target NAME=BASE_URL (or --base-url)")
     if len({t.name for t in args.target}) != len(args.target):
         p.error("target names must be unique")
-    if not args.dataset and not args.tokenizer:
+    if args.mode == "completions" and not args.dataset and not args.tokenizer:
         p.error("random prompts need --tokenizer DIR (or give --dataset FILE)")
     return args
 
@@ -433,12 +439,36 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(args, *combine(args.combine))
         return 0
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if args.mode == "embeddings":
+        return _main_embeddings(args, started_at)
     workloads = build_workloads(args)
     results = asyncio.run(run_benchmark(args, workloads))
     config = {k: v for k, v in vars(args).items() if k not in ("target", "base_url", "combine")}
     config["targets"] = [asdict(t) for t in args.target]
     config["started_at"] = started_at
     write_outputs(args, config, results)
+    return 1 if any(r["failed"] for r in results) else 0
+
+
+def _main_embeddings(args: argparse.Namespace, started_at: str) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_embeddings import EmbeddingTarget, format_embeddings_table, run_embeddings_benchmark
+
+    targets = [EmbeddingTarget(t.name, t.base_url) for t in args.target]
+    results = asyncio.run(run_embeddings_benchmark(targets, args.concurrency, args.num_sentences, args.seed,
+                                                   args.in_process, warmup=not args.no_warmup,
+                                                   timeout_s=args.request_timeout))
+    table = format_embeddings_table(results)
+    print(table)
+    config = {"mode": "embeddings", "targets": [asdict(t) for t in args.target], "concurrency": args.concurrency,
+              "num_sentences": args.num_sentences, "in_process": args.in_process, "started_at": started_at,
+              "note": args.note}
+    if args.result_json:
+        Path(args.result_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result_json).write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
+    if args.result_md:
+        Path(args.result_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result_md).write_text(table + "\n")
     return 1 if any(r["failed"] for r in results) else 0
 
 

