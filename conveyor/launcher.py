@@ -16,7 +16,7 @@ import time
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 
-from engine_core.config import FrontendConfig
+from engine_core.config import EngineConfig, FrontendConfig
 from engine_core.process_utils import configure_logging
 
 logger = logging.getLogger("conveyor.launcher")
@@ -32,6 +32,7 @@ def serve(args: argparse.Namespace) -> int:
     if not args.headless:
         _check_port_free(args.host, args.port)  # before the minutes a model load can take
     base_config, _ = engine_config_from_args(args, engine_address="")
+    _log_serving_mode(base_config)
     plan = plan_data_parallel(args, base_config)
     stop = _stop_on_signals()
     spawn = multiprocessing.get_context("spawn")
@@ -82,6 +83,19 @@ def run_frontends(args: argparse.Namespace) -> int:
         return _supervise([], frontends, stop)
     finally:
         _stop_all(frontends)
+
+
+def _log_serving_mode(config: EngineConfig) -> None:
+    model, pooler = config.model, config.model.pooler
+    if pooler is None:
+        logger.info("%s (%s): runner generate, max_model_len %d", model.served_model_name, model.architecture,
+                    model.max_model_len)
+        return
+    logger.info("%s (%s): runner pooling%s, tasks %s, %s pooling, %s, max_model_len %d",
+                model.served_model_name, model.architecture,
+                f" (converted: {model.convert})" if model.convert != "none" else "", ", ".join(pooler.tasks),
+                pooler.pooling_type, f"{pooler.num_labels} label(s)" if pooler.num_labels else
+                f"{pooler.embedding_size} dimensions{' normalized' if pooler.normalize else ''}", model.max_model_len)
 
 
 def _check_port_free(host: str, port: int) -> None:
