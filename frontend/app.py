@@ -15,10 +15,13 @@ from engine_core.config import FrontendConfig, ModelConfig
 from frontend.dependencies import verify_api_key
 from frontend.engine_client import EngineClient
 from frontend.errors import install_error_handlers
-from frontend.routers import chat, completions, metrics, models, responses, tokenize
+from frontend.routers import chat, completions, metrics, models, pooling, responses, tokenize
 from frontend.serving_chat import ChatServing
+from frontend.serving_classification import ClassificationServing
 from frontend.serving_completion import CompletionServing
+from frontend.serving_embedding import EmbeddingServing
 from frontend.serving_responses import ResponsesServing
+from frontend.serving_score import ScoreServing
 from frontend.state import FrontendState
 
 logger = logging.getLogger("conveyor.frontend")
@@ -41,15 +44,20 @@ def create_app(model_config: ModelConfig, frontend_config: FrontendConfig, engin
     app.state.completion_serving = CompletionServing(state)
     app.state.chat_serving = ChatServing(state)
     app.state.responses_serving = ResponsesServing(state)  # reads VLLM_ENABLE_RESPONSES_API_STORE
+    app.state.embedding_serving = EmbeddingServing(state)
+    app.state.classification_serving = ClassificationServing(state)
+    app.state.score_serving = ScoreServing(state)
     install_error_handlers(app)
     protected = [Depends(verify_api_key)]
     app.include_router(models.v1_router, dependencies=protected)
     app.include_router(completions.v1_router, dependencies=protected)
     app.include_router(chat.v1_router, dependencies=protected)
     app.include_router(responses.v1_router, dependencies=protected)
+    app.include_router(pooling.v1_router, dependencies=protected)  # also /v2/rerank
     app.include_router(models.router)
     app.include_router(tokenize.router)
+    app.include_router(pooling.router)
     app.include_router(metrics.router)
     if state.api_key is not None:
-        logger.info("API key required on /v1 routes")
+        logger.info("API key required on /v1 and /v2 routes")
     return app

@@ -193,3 +193,11 @@ def load_chat_template(model_config: ModelConfig, special_tokens: dict[str, str 
     logger.info("chat template from %s (message content given as %s)", origin,
                 "a list of parts" if template.content_format == "openai" else "a string")
     return template
+
+
+def load_score_template(model_config: ModelConfig, special_tokens: dict[str, str | None]) -> ChatTemplate | None:
+    """--score-template (a file path or the template itself): renders the messages `{"role": "query"}` and
+    `{"role": "document"}` into one prompt for a cross-encoder. None: the tokenizer's pair encoding."""
+    if not model_config.score_template:
+        return None
+    return ChatTemplate(_read_template_argument(model_config.score_template), special_tokens)

@@ -32,7 +32,7 @@ def get_chat_serving(request: Request) -> ChatServing:
 
 
 def verify_api_key(request: Request, state: FrontendState = Depends(get_state)) -> None:
-    """With --api-key (or VLLM_API_KEY), every /v1 route needs `Authorization: Bearer KEY`."""
+    """With --api-key (or VLLM_API_KEY), every /v1 and /v2 route needs `Authorization: Bearer KEY`."""
     if state.api_key is None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")

@@ -16,6 +16,7 @@ from pathlib import Path
 import zmq
 
 from engine_core.config import ModelConfig
+from engine_core.model_info import pooler_config
 from engine_core.protocol import (ClientHello, EngineInfo, ModelInfo, engine_outputs_decoder,
                                   frontend_message_encoder)
 
@@ -101,4 +102,7 @@ def model_config_from_info(info: ModelInfo) -> ModelConfig:
                        architecture=info.architecture, dtype=info.dtype, max_model_len=info.max_model_len,
                        seed=info.seed, eos_token_ids=tuple(info.eos_token_ids),
                        generation_config=str(folder) if info.use_generation_config else "vllm",
-                       chat_template=info.chat_template, logits_processors=tuple(info.logits_processors))
+                       chat_template=info.chat_template, logits_processors=tuple(info.logits_processors),
+                       runner=info.runner, convert=info.convert,
+                       pooler=None if info.pooler is None else pooler_config(info.pooler),
+                       score_template=info.score_template)

@@ -77,6 +77,8 @@ def engine_error(message: str) -> APIError:
         return BadRequestError(message, param="request_id")
     if message.startswith("invalid vllm_xargs"):  # a logits processor rejected its args (workers/logits_processors)
         return BadRequestError(message, param="vllm_xargs")
+    if "--runner" in message or "pooling task" in message:  # the model does not serve what was asked
+        return BadRequestError(message, param="model")
     if "prompt" in message.lower():
         return BadRequestError(message, param="prompt")
     return InternalServerError(message)

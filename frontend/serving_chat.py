@@ -70,6 +70,7 @@ class ChatServing:
         frontend = self.frontend
         frontend.check_model(request.model)
         frontend.check_engine_alive()
+        frontend.check_generative("/v1/chat/completions")
         tools = plan_tools(request, frontend.frontend_config)
         prompt_token_ids = truncate_prompt(
             frontend.tokenizer.encode(render_chat_prompt(frontend, request, tools.template_tools),

@@ -36,6 +36,7 @@ class CompletionServing:
         frontend = self.frontend
         frontend.check_model(request.model)
         frontend.check_engine_alive()
+        frontend.check_generative("/v1/completions")
         prompts, prompt_texts = self._tokenize_prompts(request)
         max_model_len = frontend.model_config.max_model_len
         max_tokens: list[int] = []

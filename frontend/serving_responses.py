@@ -192,6 +192,7 @@ class ResponsesServing:
     async def create(self, request: ResponsesRequest, raw_request: Request) -> Response:
         self.frontend.check_model(request.model)
         self.frontend.check_engine_alive()
+        self.frontend.check_generative("/v1/responses")
         if request.background and not self.store.enabled:
             raise BadRequestError("background responses need the response store: " + _STORE_DISABLED,
                                   param="background")

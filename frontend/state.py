@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine_core.config import FrontendConfig, ModelConfig
-from frontend.chat_template import ChatTemplate, load_chat_template
+from frontend.chat_template import ChatTemplate, load_chat_template, load_score_template
 from frontend.engine_client import EngineClient
-from frontend.errors import EngineDeadError, NotFoundError
+from frontend.errors import BadRequestError, EngineDeadError, NotFoundError
 from frontend.metrics import FrontendMetrics
 from frontend.sampling import EosConfig, load_generation_defaults, resolve_api_key
 from frontend.tokenizer import TokenizerInfo
@@ -31,6 +31,7 @@ class FrontendState:
     metrics: FrontendMetrics
     api_key: str | None
     created: int  # unix time of start-up, shown in /v1/models
+    score_template: ChatTemplate | None = None  # --score-template: renders a (query, document) pair for /score
 
     @classmethod
     def build(cls, model_config: ModelConfig, frontend_config: FrontendConfig,
@@ -43,12 +44,24 @@ class FrontendState:
                    chat_template=load_chat_template(model_config, tokenizer.special_tokens),
                    generation_defaults=load_generation_defaults(model_config), eos=eos,
                    metrics=FrontendMetrics(model_config.served_model_name, lambda: engine.engine_stats),
-                   api_key=resolve_api_key(frontend_config.api_key), created=int(time.time()))
+                   api_key=resolve_api_key(frontend_config.api_key), created=int(time.time()),
+                   score_template=load_score_template(model_config, tokenizer.special_tokens))
 
     def check_model(self, model: str | None) -> None:
         """404 for a model this server does not serve; a missing name means the served one."""
         if model and model not in (self.model_config.served_model_name, self.model_config.model):
             raise NotFoundError(f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    def check_generative(self, endpoint: str) -> None:
+        """400 for a text-generation endpoint on a pooling model, naming the endpoints it serves instead."""
+        config = self.model_config
+        if config.runner != "pooling":
+            return
+        tasks = config.pooler.tasks if config.pooler is not None else ()
+        endpoints = ("/v1/embeddings, /pooling, /score and /rerank" if "embed" in tasks
+                     else "/classify, /pooling" + (", /score and /rerank" if "score" in tasks else ""))
+        raise BadRequestError(f"{endpoint} generates text, but this model is served with --runner pooling: use "
+                              f"{endpoints}", param="model")
 
     def check_engine_alive(self) -> None:
         if self.engine.is_dead:

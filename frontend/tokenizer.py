@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 logger = logging.getLogger("conveyor.frontend")
 
@@ -43,6 +44,16 @@ def read_json(path: Path) -> dict[str, Any]:
     with path.open(encoding="utf-8") as handle:
         data = json.load(handle)
     return data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt for a pooling request: token ids, BERT segment ids (0 = first text, 1 = second), and how many
+    tokens came from the text itself rather than the special tokens the tokenizer added."""
+
+    token_ids: list[int]
+    token_type_ids: list[int]
+    num_content_tokens: int
 
 
 def _token_content(value: Any) -> str | None:
@@ -81,6 +92,33 @@ class TokenizerInfo:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    def encode_prompt(self, text: str, pair: str | None = None, *, add_special_tokens: bool = True,
+                      max_num_tokens: int | None = None, truncation_side: str = "right") -> EncodedPrompt:
+        """Encode `text` (and a second text `pair`, as the tokenizer's post-processor joins pairs: BERT's
+        `[CLS] a [SEP] b [SEP]` with segment ids 0/1), as Hugging Face tokenizers do with `truncation=True`.
+
+        Truncation to `max_num_tokens` cuts text tokens only, never the special tokens around them, taking from
+        the longer text of a pair first. `truncation_side` "right" keeps the beginning of a text, "left" its end.
+        """
+        first = self.tokenizer.encode(text, add_special_tokens=False)
+        second = self.tokenizer.encode(pair, add_special_tokens=False) if pair is not None else None
+        if max_num_tokens is not None:
+            num_special = self.tokenizer.num_special_tokens_to_add(second is not None) if add_special_tokens else 0
+            _truncate_longest_first(first, second, max(0, max_num_tokens - num_special), truncation_side)
+        num_content = len(first.ids) + (len(second.ids) if second is not None else 0)
+        joined = self.tokenizer.post_process(first, second, add_special_tokens=add_special_tokens)
+        return EncodedPrompt(list(joined.ids), list(joined.type_ids), num_content)
+
+    def truncate_text(self, text: str, max_tokens: int, side: str = "right") -> str:
+        """The longest part of `text` (its beginning, or its end for side "left") of at most `max_tokens` tokens,
+        cut at a token boundary of the original text."""
+        offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
+        if len(offsets) <= max_tokens:
+            return text
+        if max_tokens <= 0:
+            return ""
+        return text[:offsets[max_tokens - 1][1]] if side == "right" else text[offsets[-max_tokens][0]:]
+
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens))
 
@@ -102,3 +140,24 @@ class TokenizerInfo:
         if match:
             return [int(match.group(1), 16)]
         return list(self.token_text(token_id).encode("utf-8"))
+
+
+def _truncate_longest_first(first: Encoding, second: Encoding | None, budget: int, side: str) -> None:
+    """Shorten the two encodings to `budget` tokens together the way the `tokenizers` library's "longest_first"
+    strategy does: the shorter keeps all it has if the longer still gets as much, else both get half (the longer
+    one the odd token)."""
+    if second is None:
+        if len(first.ids) > budget:
+            first.truncate(budget, direction=side)
+        return
+    len_first, len_second = len(first.ids), len(second.ids)
+    if len_first + len_second <= budget:
+        return
+    swap = len_first > len_second
+    short, long = (len_second, len_first) if swap else (len_first, len_second)
+    long = max(short, budget - short)
+    if short + long > budget:
+        short, long = budget // 2, budget // 2 + budget % 2
+    keep_first, keep_second = (long, short) if swap else (short, long)
+    first.truncate(keep_first, direction=side)
+    second.truncate(keep_second, direction=side)

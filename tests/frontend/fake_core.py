@@ -5,6 +5,8 @@ hello, records requests and aborts, and can be told to die (engine_dead sentinel
 """
 from __future__ import annotations
 
+import math
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,8 +17,8 @@ import zmq
 from engine_core.config import ModelConfig
 from engine_core.model_info import describe_model
 from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutput, EngineCoreOutputs,
-                                  EngineCoreRequest, EngineInfo, SchedulerStats, TokenLogprobs,
-                                  engine_outputs_encoder, frontend_message_decoder)
+                                  EngineCoreRequest, EngineInfo, PoolingOutput, PoolingParams, SchedulerStats,
+                                  TokenLogprobs, engine_outputs_encoder, frontend_message_decoder)
 
 
 @dataclass
@@ -43,6 +45,7 @@ class FakeCore:
     silent: bool = False  # stop heartbeats and outputs (inputs are still recorded)
     address: str = "tcp://127.0.0.1:0"  # a random port (inproc would need a shared zmq Context)
     model_config: ModelConfig | None = None  # answers a frontend's start-up handshake when set
+    pooling_width: int = 8  # values per token of a pooling request's fake hidden state (see fake_pooled)
     requests: list[EngineCoreRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     hellos: list[int] = field(default_factory=list)
@@ -133,6 +136,11 @@ class FakeCore:
                 self._send(identity, EngineCoreOutputs(outputs=[EngineCoreOutput(
                     message.request_id, [], finish_reason="error", stop_reason=self.error_message)]))
                 return
+            if message.pooling_params is not None:
+                rows = fake_pooled(message.prompt_token_ids, message.pooling_params, self.pooling_width)
+                self._send(identity, EngineCoreOutputs(outputs=[EngineCoreOutput(
+                    message.request_id, [], finish_reason="stop", pooling_output=_pooling_output(rows))]))
+                return
             if self.script is not None:
                 tokens, reason, stop_reason = self.script(message)
             else:
@@ -170,3 +178,48 @@ class FakeCore:
 
     def _send(self, identity: bytes, outputs: EngineCoreOutputs) -> None:
         self._router.send_multipart([identity, engine_outputs_encoder.encode(outputs)])
+
+
+def fake_hidden_states(token_ids: list[int], width: int) -> list[list[float]]:
+    """A deterministic stand-in for a model's last hidden states: one row per token."""
+    return [[((token * (column + 1)) % 11 - 5) / 5.0 for column in range(width)] for token in token_ids]
+
+
+def _normalized(row: list[float]) -> list[float]:
+    norm = math.sqrt(sum(value * value for value in row)) or 1.0
+    return [value / norm for value in row]
+
+
+def _softmax(row: list[float]) -> list[float]:
+    top = max(row)
+    exps = [math.exp(value - top) for value in row]
+    return [value / sum(exps) for value in exps]
+
+
+def fake_pooled(token_ids: list[int], params: PoolingParams, width: int) -> list[float] | list[list[float]]:
+    """What the fake core answers a pooling request: mean pooling of `fake_hidden_states`, then per task:
+    embed (first `dimensions` values, L2-normalized unless normalize=False), classify (3 classes) and score (1)
+    (softmax / sigmoid unless use_activation=False); token_* tasks do the same per token."""
+    rows = fake_hidden_states(token_ids, width)
+    mean = [sum(column) / len(rows) for column in zip(*rows)]
+    if params.task == "embed":
+        mean = mean[:params.dimensions] if params.dimensions else mean
+        return mean if params.normalize is False else _normalized(mean)
+    if params.task == "token_embed":
+        return [row if params.normalize is False else _normalized(row) for row in rows]
+    if params.task == "score":
+        logit = mean[0] + (sum(params.token_type_ids) / len(rows) if params.token_type_ids else 0.0)
+        return [logit if params.use_activation is False else 1 / (1 + math.exp(-logit))]
+    if params.task == "classify":
+        return mean[:3] if params.use_activation is False else _softmax(mean[:3])
+    return [row[:3] if params.use_activation is False else _softmax(row[:3]) for row in rows]  # token_classify
+
+
+def _pooling_output(values: list[float] | list[list[float]]) -> PoolingOutput:
+    if values and isinstance(values[0], list):
+        flat = [float(value) for row in values for value in row]
+        shape = [len(values), len(values[0])]
+    else:
+        flat = [float(value) for value in values]
+        shape = [len(flat)]
+    return PoolingOutput(shape=shape, data=struct.pack(f"<{len(flat)}f", *flat))

@@ -1,0 +1,86 @@
+"""Pooling endpoints: /v1/embeddings, /pooling, /classify, /score (+ /v1/score), /rerank (+ /v1/rerank: Jina's
+shape; /v2/rerank: Cohere's). Thin; the work is in serving_embedding.py, serving_classification.py and
+serving_score.py. `v1_router` holds the /v1 and /v2 routes (behind --api-key), `router` the others.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import Response
+
+from frontend.pooling_protocol import (ClassificationChatRequest, ClassificationCompletionRequest,
+                                       EmbeddingChatRequest, EmbeddingCompletionRequest, PoolingChatRequest,
+                                       PoolingCompletionRequest, RerankRequest, ScoreRequest, parse_pooling_request)
+from frontend.serving_classification import ClassificationServing
+from frontend.serving_embedding import EmbeddingServing
+from frontend.serving_score import ScoreServing
+
+v1_router = APIRouter()
+router = APIRouter()
+
+
+def get_embedding_serving(request: Request) -> EmbeddingServing:
+    serving: EmbeddingServing = request.app.state.embedding_serving
+    return serving
+
+
+def get_classification_serving(request: Request) -> ClassificationServing:
+    serving: ClassificationServing = request.app.state.classification_serving
+    return serving
+
+
+def get_score_serving(request: Request) -> ScoreServing:
+    serving: ScoreServing = request.app.state.score_serving
+    return serving
+
+
+@v1_router.post("/v1/embeddings")
+async def create_embedding(raw_request: Request, body: dict[str, Any] = Body(...),
+                           serving: EmbeddingServing = Depends(get_embedding_serving)) -> Response:
+    request = parse_pooling_request(body, EmbeddingCompletionRequest, EmbeddingChatRequest)
+    return await serving.create_embedding(request, raw_request)
+
+
+@router.post("/pooling")
+async def create_pooling(raw_request: Request, body: dict[str, Any] = Body(...),
+                         serving: EmbeddingServing = Depends(get_embedding_serving)) -> Response:
+    request = parse_pooling_request(body, PoolingCompletionRequest, PoolingChatRequest)
+    return await serving.create_pooling(request, raw_request)
+
+
+@router.post("/classify")
+async def create_classification(raw_request: Request, body: dict[str, Any] = Body(...),
+                                serving: ClassificationServing = Depends(get_classification_serving)) -> Response:
+    request = parse_pooling_request(body, ClassificationCompletionRequest, ClassificationChatRequest)
+    return await serving.create(request, raw_request)
+
+
+@router.post("/score")
+async def create_score(body: ScoreRequest, raw_request: Request,
+                       serving: ScoreServing = Depends(get_score_serving)) -> Response:
+    return await serving.create_score(body, raw_request)
+
+
+@v1_router.post("/v1/score")
+async def create_score_v1(body: ScoreRequest, raw_request: Request,
+                          serving: ScoreServing = Depends(get_score_serving)) -> Response:
+    return await serving.create_score(body, raw_request)
+
+
+@router.post("/rerank")
+async def rerank(body: RerankRequest, raw_request: Request,
+                 serving: ScoreServing = Depends(get_score_serving)) -> Response:
+    return await serving.rerank(body, raw_request, "jina")
+
+
+@v1_router.post("/v1/rerank")
+async def rerank_v1(body: RerankRequest, raw_request: Request,
+                    serving: ScoreServing = Depends(get_score_serving)) -> Response:
+    return await serving.rerank(body, raw_request, "jina")
+
+
+@v1_router.post("/v2/rerank")
+async def rerank_v2(body: RerankRequest, raw_request: Request,
+                    serving: ScoreServing = Depends(get_score_serving)) -> Response:
+    return await serving.rerank(body, raw_request, "cohere")
