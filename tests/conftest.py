@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 TINY_MODELS_DIR = REPO_ROOT / ".models"  # git-ignored; the checkpoints are deterministic, so reuse is safe
-TINY_MODEL_NAMES = ("llama", "qwen2")
+TINY_MODEL_NAMES = ("llama", "qwen2", "bert-embed", "bert-classifier", "bert-cross-encoder", "llama-classifier")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -28,7 +28,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
-    """The folder `scripts/make_tiny_models.py` wrote (llama/, qwen2/)."""
+    """The folder `scripts/make_tiny_models.py` wrote (one subfolder per TINY_MODEL_NAMES entry)."""
     return TINY_MODELS_DIR
 
 

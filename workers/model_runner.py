@@ -10,24 +10,31 @@ slice reaches the end of `token_ids` the request samples one token from the logi
 (a partial prefill chunk) its sampled list is empty. Sampled tokens are not appended to `token_ids` here: the
 core sends them back as the next step's `new_token_ids`. They are appended to the sampling state's
 `output_token_ids` at once, which penalties read.
+
+A pooling request (`NewRequestData.pooling_params`) never samples: rank 0 keeps the hidden rows of its prefill
+chunks, and the step whose slice reaches the end of its prompt pools them (`workers.pooler`) into
+`ModelRunnerOutput.pooling_outputs`. Encoders (`uses_kv_cache` False) keep no KV cache: each prompt runs whole in
+one step, and the block count is bookkeeping for the scheduler only.
 """
 from __future__ import annotations
 
 import logging
 import os
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
-from engine_core.config import CacheConfig, ModelConfig
-from engine_core.protocol import (KVConnectorOutput, ModelRunnerOutput, NewRequestData, SchedulerOutput,
-                                  TokenLogprobs)
+from engine_core.config import CacheConfig, ModelConfig, PoolerConfig
+from engine_core.protocol import (KVConnectorOutput, ModelRunnerOutput, NewRequestData, PoolingOutput,
+                                  PoolingParams, SchedulerOutput, TokenLogprobs)
 from workers.attention import AttentionMetadata, build_attention_metadata
 from workers.kv_cache_alloc import allocate_kv_caches, kv_cache_bytes_per_block
 from workers.kv_connector.base import KVConnectorWorker
 from workers.loader import load_hf_config
-from workers.models import build_model
+from workers.models import PoolingModel, build_model
+from workers.pooler import PoolingError, pool
 from workers.prompt_logprobs import PromptLogprobsPlan, compute_prompt_logprobs, wants_prompt_logprobs
 from workers.sampler import RequestSamplingState, Sampler, make_sampling_state
 from workers.structured_output import StepMasks, StructuredOutputs
@@ -42,6 +49,9 @@ _CPU_DEFAULT_MAX_SEQS = 256
 # CUDA profiling: the largest prefill and the most sampling rows a step is assumed to hold.
 _PROFILE_MAX_TOKENS = 8192
 _PROFILE_MAX_SEQS = 256
+# A request that does not fit the runner, by ModelRunner.is_pooling.
+_WRONG_RUNNER = {True: "this model serves pooling requests only (it does not generate text)",
+                 False: "this model generates text; pooling requests need a model served with --runner pooling"}
 
 
 @dataclass
@@ -52,6 +62,23 @@ class _RequestState:
     block_ids: list[int]
     num_computed_tokens: int
     sampling: RequestSamplingState
+    pooling: _PoolingState | None = None  # set for a pooling request
+
+
+@dataclass
+class _PoolingState:
+    params: PoolingParams
+    held_rows: list[torch.Tensor] = field(default_factory=list)  # rank 0: [n_i, hidden] of earlier prefill chunks
+
+
+@dataclass
+class _PoolingSpan:
+    """A pooling request's rows in this step's flattened batch."""
+
+    index: int  # into the step's request list
+    row_start: int
+    row_end: int
+    completes: bool  # the slice reaches the end of the prompt: pool after this forward
 
 
 @dataclass
@@ -61,6 +88,9 @@ class _StepInputs:
     sample_rows: torch.Tensor  # [num_sampling_reqs] int64 rows of the flattened batch to sample from
     sampling_reqs: list[int]  # index into the step's request list of each sampling row
     prompt_logprobs: PromptLogprobsPlan | None = None  # rows scoring prompt tokens (requests with prompt_logprobs)
+    pooling_spans: list[_PoolingSpan] = field(default_factory=list)
+    token_type_ids: torch.Tensor | None = None  # [num_tokens] int64, encoders only, when a request carries them
+    request_errors: dict[str, str] = field(default_factory=dict)  # requests refused before the forward
 
 
 class ModelRunner:
@@ -73,14 +103,19 @@ class ModelRunner:
         self.dtype = _DTYPES[model_config.dtype]
         self.block_size = cache_config.block_size
         self.hf_config = load_hf_config(model_config.model)
-        self.model = build_model(self.hf_config, model_config.model, self.dtype, device, tp_rank, tp_size)
+        self.model = build_model(self.hf_config, model_config.model, self.dtype, device, tp_rank, tp_size,
+                                 model_config.runner, model_config.convert)
+        self.is_pooling = model_config.runner == "pooling"
+        self.pooler_config = model_config.pooler or PoolerConfig()
+        self.uses_kv_cache = bool(getattr(self.model, "uses_kv_cache", True))
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, _RequestState] = {}
         self.kv_connector: KVConnectorWorker | None = None  # disaggregated prefill/decode, set by the worker
-        # Grammar matchers for structured outputs: rank 0 samples, so only rank 0 keeps them.
+        # Grammar matchers for structured outputs: rank 0 samples, so only rank 0 keeps them. A pooling model's
+        # tokenizer (e.g. BERT's) is no generation vocabulary, and it never samples.
         self.structured_output = (StructuredOutputs(model_config.tokenizer_dir, model_config.eos_token_ids, device)
-                                  if tp_rank == 0 else None)
+                                  if tp_rank == 0 and not self.is_pooling else None)
 
     # ------------------------------------------------------------------ KV cache sizing
 
@@ -88,6 +123,8 @@ class ModelRunner:
         """How many KV blocks this rank can hold (the core takes the minimum over ranks)."""
         if self.cache_config.num_blocks_override:
             return self.cache_config.num_blocks_override
+        if not self.uses_kv_cache:  # an encoder: blocks are the scheduler's bookkeeping, backed by no memory
+            return _CPU_DEFAULT_MAX_SEQS * -(-self.model_config.max_model_len // self.block_size)
         bytes_per_block = kv_cache_bytes_per_block(self.model, self.block_size, self.dtype)
         if self.device.type == "cuda":
             budget = self._cuda_kv_budget()
@@ -128,10 +165,15 @@ class ModelRunner:
                                             self.block_size, self.device)
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)  # [num_tokens]
         hidden = self.model(input_ids, metadata.positions, empty, metadata)  # [num_tokens, hidden]
-        self.model.compute_logits(hidden[-_PROFILE_MAX_SEQS:])
+        if not self.is_pooling:
+            self.model.compute_logits(hidden[-_PROFILE_MAX_SEQS:])
 
     def initialize_cache(self, num_blocks: int) -> None:
-        """Allocate the KV cache (the core sends the block count agreed by all ranks)."""
+        """Allocate the KV cache (the core sends the block count agreed by all ranks); empty for an encoder."""
+        if not self.uses_kv_cache:
+            self.kv_caches = [torch.empty(0, dtype=self.dtype, device=self.device)
+                              for _ in range(self.model.num_layers)]
+            return
         self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size, self.dtype, self.device)
 
     # ------------------------------------------------------------------ one step
@@ -153,22 +195,29 @@ class ModelRunner:
             masks = self.structured_output.start(
                 [(request_ids[i], self.requests[request_ids[i]].sampling) for i in inputs.sampling_reqs],
                 self.requests.keys())
-        hidden = self.model(inputs.input_ids, inputs.metadata.positions, self.kv_caches,
-                            inputs.metadata)  # [num_tokens, hidden]
+        hidden = self._forward(inputs)  # [num_tokens, hidden]
         sampled: list[list[int]] = [[] for _ in request_ids]
         logprobs: list[list[TokenLogprobs] | None] = [None] * len(request_ids)
         prompt_logprobs = None
         if inputs.prompt_logprobs is not None:  # before sampling: only requests with no output yet want them
             prompt_logprobs = compute_prompt_logprobs(self.model.compute_logits, hidden, inputs.prompt_logprobs,
                                                       len(request_ids), self.tp_rank == 0)
-        request_errors: dict[str, str] = {}
+        request_errors = inputs.request_errors
+        pooling_outputs = self._pool(request_ids, inputs.pooling_spans, hidden, request_errors)
         if inputs.sampling_reqs:
             logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))  # [S, vocab] float32
             if self.tp_rank == 0:
                 self._sample(request_ids, inputs.sampling_reqs, logits, sampled, logprobs, request_errors, masks)
         return ModelRunnerOutput(request_ids=request_ids, sampled_token_ids=sampled, logprobs=logprobs,
                                  kv_connector_output=self._kv_connector_output(), rank=self.tp_rank,
-                                 prompt_logprobs=prompt_logprobs, request_errors=request_errors or None)
+                                 prompt_logprobs=prompt_logprobs, request_errors=request_errors or None,
+                                 pooling_outputs=pooling_outputs)
+
+    def _forward(self, inputs: _StepInputs) -> torch.Tensor:
+        if self.uses_kv_cache:
+            return self.model(inputs.input_ids, inputs.metadata.positions, self.kv_caches, inputs.metadata)
+        return cast(PoolingModel, self.model)(inputs.input_ids, inputs.metadata.positions, self.kv_caches,
+                                              inputs.metadata, token_type_ids=inputs.token_type_ids)
 
     def _kv_connector_output(self) -> KVConnectorOutput | None:
         return self.kv_connector.collect() if self.kv_connector is not None else None
@@ -187,21 +236,28 @@ class ModelRunner:
     def _new_state(self, new: NewRequestData) -> _RequestState:
         sampling = make_sampling_state(new.sampling_params, list(new.token_ids[:new.num_prompt_tokens]),
                                        list(new.token_ids[new.num_prompt_tokens:]), new.eos_token_id, self.device)
+        pooling = None if new.pooling_params is None else _PoolingState(new.pooling_params)
         return _RequestState(token_ids=list(new.token_ids), block_ids=list(new.block_ids),
-                             num_computed_tokens=new.num_computed_tokens, sampling=sampling)
+                             num_computed_tokens=new.num_computed_tokens, sampling=sampling, pooling=pooling)
 
     def _prepare_inputs(self, request_ids: list[str], num_scheduled: dict[str, int]) -> _StepInputs:
         token_ids: list[int] = []
         query_lens, seq_lens, block_tables, sampling_reqs, sample_rows = [], [], [], [], []
         prompt_logprobs: PromptLogprobsPlan | None = None
+        pooling_spans: list[_PoolingSpan] = []
+        request_errors: dict[str, str] = {}
         for i, request_id in enumerate(request_ids):
             state, query_len = self.requests[request_id], num_scheduled[request_id]
             start, end = state.num_computed_tokens, state.num_computed_tokens + query_len
-            assert end <= len(state.token_ids), f"{request_id}: scheduled to {end} of {len(state.token_ids)} tokens"
+            self._check_slice(request_id, state, start, end)
             sampling, num_prompt_tokens = state.sampling, len(state.sampling.prompt_token_ids)
+            is_pooling_request, completes = state.pooling is not None, end == len(state.token_ids)
+            if is_pooling_request and self.is_pooling:
+                pooling_spans.append(_PoolingSpan(i, len(token_ids), len(token_ids) + query_len, completes))
             # Rank-independent test (output_token_ids grows on rank 0 only): every rank must join compute_logits.
-            if wants_prompt_logprobs(sampling.params.prompt_logprobs, len(state.token_ids) - num_prompt_tokens,
-                                     start, num_prompt_tokens):
+            elif not is_pooling_request and wants_prompt_logprobs(
+                    sampling.params.prompt_logprobs, len(state.token_ids) - num_prompt_tokens, start,
+                    num_prompt_tokens):
                 prompt_logprobs = prompt_logprobs or PromptLogprobsPlan()
                 prompt_logprobs.add(i, state.token_ids, num_prompt_tokens, start, end,
                                     first_row=len(token_ids), num_top=sampling.params.prompt_logprobs or 0)
@@ -209,14 +265,81 @@ class ModelRunner:
             query_lens.append(query_len)
             seq_lens.append(end)
             block_tables.append(state.block_ids)
-            if end == len(state.token_ids):
+            if completes and is_pooling_request != self.is_pooling:
+                request_errors[request_id] = _WRONG_RUNNER[self.is_pooling]
+            elif completes and not is_pooling_request:
                 sampling_reqs.append(i)
                 sample_rows.append(len(token_ids) - 1)
         metadata = build_attention_metadata(query_lens, seq_lens, block_tables, self.block_size, self.device)
+        type_ids = self._token_type_ids(request_ids, num_scheduled, pooling_spans, request_errors)
         return _StepInputs(input_ids=torch.tensor(token_ids, dtype=torch.int64).to(self.device),
                            metadata=metadata,
                            sample_rows=torch.tensor(sample_rows, dtype=torch.int64).to(self.device),
-                           sampling_reqs=sampling_reqs, prompt_logprobs=prompt_logprobs)
+                           sampling_reqs=sampling_reqs, prompt_logprobs=prompt_logprobs,
+                           pooling_spans=pooling_spans, token_type_ids=type_ids, request_errors=request_errors)
+
+    def _check_slice(self, request_id: str, state: _RequestState, start: int, end: int) -> None:
+        assert end <= len(state.token_ids), f"{request_id}: scheduled to {end} of {len(state.token_ids)} tokens"
+        if not self.uses_kv_cache and (start != 0 or end != len(state.token_ids)):
+            raise ValueError(f"{request_id}: an encoder runs each prompt whole in one step, got tokens {start}..{end} "
+                             f"of {len(state.token_ids)} (chunked prefill must be off for encoder models)")
+
+    def _token_type_ids(self, request_ids: list[str], num_scheduled: dict[str, int],
+                        pooling_spans: list[_PoolingSpan], request_errors: dict[str, str]) -> torch.Tensor | None:
+        """[num_tokens] BERT segment ids when some request of an encoder step carries them (zeros elsewhere); a
+        request whose list does not match its tokens fails alone."""
+        if self.uses_kv_cache or not any(self._pooling_params(request_ids[span.index]).token_type_ids
+                                         for span in pooling_spans):
+            return None
+        num_types = int(getattr(self.hf_config, "type_vocab_size", 1) or 1)
+        type_ids: list[int] = []
+        for request_id in request_ids:
+            state, query_len = self.requests[request_id], num_scheduled[request_id]
+            given = state.pooling.params.token_type_ids if state.pooling is not None else None
+            if given and (len(given) != len(state.token_ids) or not 0 <= min(given) <= max(given) < num_types):
+                request_errors[request_id] = (f"token_type_ids must be {len(state.token_ids)} values (one per token) "
+                                              f"in 0..{num_types - 1}")
+                given = None
+            start = state.num_computed_tokens
+            type_ids.extend(given[start:start + query_len] if given else [0] * query_len)
+        return torch.tensor(type_ids, dtype=torch.int64).to(self.device)  # [num_tokens]
+
+    def _pooling_params(self, request_id: str) -> PoolingParams:
+        pooling = self.requests[request_id].pooling
+        assert pooling is not None
+        return pooling.params
+
+    def _pool(self, request_ids: list[str], spans: list[_PoolingSpan], hidden: torch.Tensor,
+              request_errors: dict[str, str]) -> list[PoolingOutput | None] | None:
+        """Rank 0: hold the rows of partial prefill chunks; pool the requests whose prompt this step completes.
+        None when the step finishes no pooling request (other ranks: always)."""
+        if not spans or self.tp_rank != 0:
+            return None
+        outputs: list[PoolingOutput | None] = [None] * len(request_ids)
+        head = cast(PoolingModel, self.model).classify if getattr(self.model, "num_labels", 0) else None
+        for span in spans:
+            request_id = request_ids[span.index]
+            state = self.requests[request_id]
+            pooling = state.pooling
+            assert pooling is not None
+            rows = hidden[span.row_start:span.row_end]  # [n, hidden]
+            if not span.completes:
+                pooling.held_rows.append(rows.clone())  # a copy: a view would keep the whole step's hidden alive
+                continue
+            if pooling.held_rows:
+                rows = torch.cat([*pooling.held_rows, rows])  # [num_prompt_tokens, hidden]
+                pooling.held_rows = []
+            if request_id in request_errors:
+                continue
+            if rows.shape[0] != len(state.token_ids):
+                request_errors[request_id] = (f"pooling needs every prompt row computed here, got {rows.shape[0]} "
+                                              f"of {len(state.token_ids)} (a prefix-cache hit?)")
+            else:
+                try:
+                    outputs[span.index] = pool(rows, self.pooler_config, pooling.params, head)
+                except PoolingError as exc:
+                    request_errors[request_id] = str(exc)
+        return outputs if any(output is not None for output in outputs) else None
 
     def _sample(self, request_ids: list[str], sampling_reqs: list[int], logits: torch.Tensor,
                 sampled: list[list[int]], logprobs: list[list[TokenLogprobs] | None],

@@ -2,7 +2,9 @@
 
 Every model implements `CausalLM`: a forward over a flattened batch (all scheduled tokens of all requests)
 against the paged KV cache, returning hidden states; `compute_logits` turns the rows that sample into float32
-logits.
+logits. Pooling models (`--runner pooling`) implement `PoolingModel` instead: the same forward (encoders take
+`token_type_ids` too and keep no KV cache), and `classify` for those with a classification head. A causal-LM
+checkpoint served for pooling is built as its body alone ("embed") or its body plus a `score` head ("classify").
 """
 from __future__ import annotations
 
@@ -21,7 +23,26 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("llama", "Qwen2ForCausalLM"),
+    "LlamaForSequenceClassification": ("llama", "LlamaForSequenceClassification"),
+    "MistralForSequenceClassification": ("llama", "LlamaForSequenceClassification"),
+    "Qwen2ForSequenceClassification": ("llama", "Qwen2ForSequenceClassification"),
+    "BertModel": ("bert", "BertModel"),
+    "BertForSequenceClassification": ("bert", "BertForSequenceClassification"),
+    "RobertaModel": ("bert", "RobertaModel"),
+    "RobertaForSequenceClassification": ("bert", "RobertaForSequenceClassification"),
+    "XLMRobertaModel": ("bert", "RobertaModel"),
+    "XLMRobertaForSequenceClassification": ("bert", "RobertaForSequenceClassification"),
 }
+# A causal LM served with `--runner pooling`: (architecture, convert) -> the class built instead.
+_POOLING_CONVERSIONS: dict[tuple[str, str], tuple[str, str]] = {
+    ("LlamaForCausalLM", "embed"): ("llama", "LlamaForEmbedding"),
+    ("MistralForCausalLM", "embed"): ("llama", "LlamaForEmbedding"),
+    ("Qwen2ForCausalLM", "embed"): ("llama", "Qwen2ForEmbedding"),
+    ("LlamaForCausalLM", "classify"): ("llama", "LlamaForSequenceClassification"),
+    ("MistralForCausalLM", "classify"): ("llama", "LlamaForSequenceClassification"),
+    ("Qwen2ForCausalLM", "classify"): ("llama", "Qwen2ForSequenceClassification"),
+}
+_GENERATIVE = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
 # model_type fallback for configs without `architectures` (some GGUF-derived configs)
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -41,6 +62,24 @@ class CausalLM(Protocol):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] float32 (all-gathered over tensor-parallel ranks)."""
+        ...
+
+
+class PoolingModel(Protocol):
+    """A model served with `--runner pooling`. Its forward returns the final hidden states (after the final norm);
+    `workers.pooler` turns a prompt's rows into the answer."""
+
+    num_layers: int
+    num_kv_heads: int  # this rank's share
+    head_dim: int
+    uses_kv_cache: bool  # False for encoders: no cache to size or write, each prompt runs whole in one step
+    num_labels: int  # > 0: `classify` is the model's classification head
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                 attn_metadata: AttentionMetadata, **kwargs: Any) -> torch.Tensor: ...
+
+    def classify(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, num_labels] float32 raw scores (replicated on every tensor-parallel rank)."""
         ...
 
 
@@ -69,13 +108,28 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def model_class_name(hf_config: Any, runner: str = "generate", convert: str = "none") -> tuple[str, str]:
+    """(module under workers.models, class) to build for this checkpoint and `ModelConfig.runner`/`convert`."""
+    architecture = resolve_architecture(hf_config)
+    if runner == "pooling" and architecture in _GENERATIVE:
+        key = (architecture, "embed" if convert == "none" else convert)
+        if key not in _POOLING_CONVERSIONS:
+            raise ValueError(f"--convert {convert!r} is not supported for {architecture}")
+        return _POOLING_CONVERSIONS[key]
+    if runner != "pooling" and architecture not in _GENERATIVE:
+        raise ValueError(f"{architecture} is a pooling model: it cannot generate text (serve it with --runner "
+                         "pooling)")
+    return _REGISTRY[architecture]
+
+
 def build_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torch.device, tp_rank: int = 0,
-                tp_size: int = 1) -> CausalLM:
-    """Construct the model for `hf_config.architectures[0]` directly on `device` in `dtype` and load this rank's
-    shard of the weights at `model_path` (Hugging Face folder or .gguf file)."""
+                tp_size: int = 1, runner: str = "generate", convert: str = "none") -> CausalLM:
+    """Construct the model for `hf_config.architectures[0]` (a `CausalLM`, or also a `PoolingModel` when `runner`
+    is "pooling") directly on `device` in `dtype` and load this rank's shard of the weights at `model_path` (Hugging
+    Face folder or .gguf file)."""
     from workers.loader import iterate_weights
 
-    module_name, class_name = _REGISTRY[resolve_architecture(hf_config)]
+    module_name, class_name = model_class_name(hf_config, runner, convert)
     model_class = getattr(importlib.import_module(f"workers.models.{module_name}"), class_name)
     with torch.device(device), _default_dtype(dtype):
         model = model_class(hf_config, tp_rank=tp_rank, tp_size=tp_size)
@@ -83,4 +137,5 @@ def build_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: tor
     for module in model.modules():
         if hasattr(module, "prepack"):
             module.prepack()
-    return model.eval()
+    model.eval()
+    return model

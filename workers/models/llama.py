@@ -4,6 +4,9 @@
                            -> +residual -> RMSNorm -> SwiGLU MLP (fused gate/up) -> down_proj -> +residual] x L
               -> RMSNorm -> hidden [num_tokens, hidden];  compute_logits: hidden -> LM head -> [n, vocab] float32
 
+Pooling (`--runner pooling`): `LlamaForEmbedding` is the body alone (its hidden states are pooled);
+`LlamaForSequenceClassification` adds the `score` head on the pooled row.
+
 Weights arrive under Hugging Face names; q/k/v and gate/up are stacked into one parameter each at load time.
 """
 from __future__ import annotations
@@ -134,20 +137,19 @@ def _check_tensor_parallel_size(hf_config: Any, tp_size: int) -> None:
                          f"{num_kv_heads} key/value heads")
 
 
-class LlamaForCausalLM(nn.Module):
-    """Implements the `CausalLM` protocol of `workers.models`. Construct under the target default device/dtype."""
+class _LlamaBody(nn.Module):
+    """The decoder body and weight loading shared by the causal LM and the pooling variants. Construct under the
+    target default device/dtype."""
 
     qkv_bias_default = False  # Qwen2 overrides: its q/k/v projections always carry a bias
+    uses_kv_cache = True
+    num_labels = 0
 
     def __init__(self, hf_config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         _check_tensor_parallel_size(hf_config, tp_size)
         qkv_bias = bool(getattr(hf_config, "attention_bias", self.qkv_bias_default)) or self.qkv_bias_default
         self.model = LlamaModel(hf_config, qkv_bias, tp_rank, tp_size)
-        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, tp_rank, tp_size)
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
         self.num_layers = hf_config.num_hidden_layers
         first_layer: LlamaDecoderLayer = self.model.layers[0]  # type: ignore[assignment]
         self.num_kv_heads, self.head_dim = first_layer.self_attn.num_kv_heads, first_layer.self_attn.head_dim
@@ -157,9 +159,6 @@ class LlamaForCausalLM(nn.Module):
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, attn_metadata)  # [T, hidden]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute_logits(hidden)  # [n, vocab] float32
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into this rank's (fused, sharded) parameters; every parameter must
         be covered."""
@@ -167,10 +166,13 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         for hf_name, tensor in weights:
             name, shard_id = _fused_name(hf_name)
+            if self._load_head(name, tensor):
+                loaded.add(name)
+                continue
             if name not in params:
-                if not (name == "lm_head.weight" or "rotary_emb" in name):
+                if not (name.startswith(self._unused_prefixes) or "rotary_emb" in name):
                     logger.warning("ignoring checkpoint tensor %s: no such parameter", hf_name)
-                continue  # a tied model's lm_head.weight is the embedding's (Hugging Face behaves the same)
+                continue
             module_name, param_name = name.rsplit(".", 1)
             module = self.get_submodule(module_name)
             loader = getattr(module, "load_weight", None)
@@ -179,9 +181,78 @@ class LlamaForCausalLM(nn.Module):
             else:
                 params[name].data.copy_(tensor)
             loaded.add(name)
-        missing = sorted(set(params) - loaded)
+        self._check_all_loaded(set(dict(self.named_parameters())) - loaded)
+
+    # A tied model's lm_head.weight is the embedding's (Hugging Face behaves the same).
+    _unused_prefixes: tuple[str, ...] = ("lm_head.weight",)
+
+    def _load_head(self, name: str, tensor: torch.Tensor) -> bool:
+        """A subclass's replicated head takes `name` here (True) instead of the sharded parameter path."""
+        return False
+
+    def _check_all_loaded(self, missing: set[str]) -> None:
         if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {missing[:3]}")
+            raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+
+
+class LlamaForCausalLM(_LlamaBody):
+    """Implements the `CausalLM` protocol of `workers.models`."""
+
+    def __init__(self, hf_config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__(hf_config, tp_rank, tp_size)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, tp_rank, tp_size)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)  # [n, vocab] float32
+
+
+class LlamaForEmbedding(_LlamaBody):
+    """A causal-LM checkpoint served for embeddings (`--convert embed`): the body's final (normed) hidden states,
+    no LM head. Implements `workers.models.PoolingModel`."""
+
+    _unused_prefixes: tuple[str, ...] = ("lm_head.", "score.")
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} is a pooling model: it has no language-model head")
+
+    def classify(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no classification head")
+
+
+class LlamaForSequenceClassification(LlamaForEmbedding):
+    """The body plus `score` (a Linear without bias, applied to the pooled row: the last token by default), from a
+    `*ForSequenceClassification` checkpoint or a causal LM carrying `score.weight` (`--convert classify`)."""
+
+    _unused_prefixes: tuple[str, ...] = ("lm_head.",)
+
+    def __init__(self, hf_config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__(hf_config, tp_rank, tp_size)
+        self.num_labels = int(getattr(hf_config, "num_labels", 2))
+        # Replicated on every rank and kept in float32: the head is tiny and its output is the answer.
+        self.score = nn.Linear(hf_config.hidden_size, self.num_labels, bias=False, dtype=torch.float32)
+
+    def classify(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, num_labels] float32 raw scores."""
+        return self.score(rows.float())
+
+    def _load_head(self, name: str, tensor: torch.Tensor) -> bool:
+        if name != "score.weight":
+            return False
+        if tensor.shape[0] != self.num_labels:  # a causal LM's config says nothing of the head it carries
+            self.num_labels = int(tensor.shape[0])
+            self.score = nn.Linear(tensor.shape[1], self.num_labels, bias=False, dtype=torch.float32,
+                                   device=self.score.weight.device)
+        self.score.weight.data.copy_(tensor)
+        return True
+
+    def _check_all_loaded(self, missing: set[str]) -> None:
+        if "score.weight" in missing:
+            raise ValueError("checkpoint has no score.weight: classification (--convert classify) needs a "
+                             "`score` head of shape [num_labels, hidden_size] in the checkpoint")
+        super()._check_all_loaded(missing)
 
 
 class MistralForCausalLM(LlamaForCausalLM):
@@ -189,6 +260,14 @@ class MistralForCausalLM(LlamaForCausalLM):
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias_default = True
+
+
+class Qwen2ForEmbedding(LlamaForEmbedding):
+    qkv_bias_default = True
+
+
+class Qwen2ForSequenceClassification(LlamaForSequenceClassification):
     qkv_bias_default = True
 
 
@@ -207,4 +286,5 @@ def _warn_sliding_window(hf_config: Any) -> None:
                        window, window)
 
 
-__all__ = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
+__all__ = ["LlamaForCausalLM", "LlamaForEmbedding", "LlamaForSequenceClassification", "MistralForCausalLM",
+           "Qwen2ForCausalLM", "Qwen2ForEmbedding", "Qwen2ForSequenceClassification"]
