@@ -309,3 +309,33 @@ def test_score_template_renders_one_prompt(cross_encoder_server: ConveyorServer,
     rendered = [f"query: {QUERY} document: {document}" for document in DOCUMENTS[:2]]
     logits = _reference_logits(tiny_models / "bert-cross-encoder", rendered)[:, 0]
     np.testing.assert_allclose([item["score"] for item in body["data"]], 1 / (1 + np.exp(-logits)), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- scale-out
+
+
+def test_data_and_tensor_parallel_embeddings_equal_one_engine(embed_server: ConveyorServer,
+                                                              tiny_models: Path) -> None:
+    """Pooling scales out like generation: `-dp 2` spreads 32 concurrent requests over both engines and `-tp 2`
+    splits the encoder's heads, and both give the single engine's embeddings."""
+    texts = [f"{SENTENCES[i % len(SENTENCES)]} #{i}" for i in range(32)]
+
+    def embed_all(server: ConveyorServer) -> np.ndarray:
+        async def run() -> list[Any]:
+            client = server.async_openai_client()
+            return await asyncio.gather(*(client.embeddings.create(model="bert-embed", input=text)
+                                          for text in texts))
+        return np.array([response.data[0].embedding for response in asyncio.run(run())])
+
+    expected = embed_all(embed_server)
+    for flags in (("-dp", "2"), ("-tp", "2")):
+        server = ConveyorServer(str(tiny_models / "bert-embed"), "--served-model-name", "bert-embed",
+                                "--max-model-len", "64", *flags, *SERVER_FLAGS)
+        try:
+            np.testing.assert_allclose(embed_all(server), expected, atol=1e-5)
+            if flags[0] == "-dp":
+                steps = {name: value for name, value in server.metrics().items()
+                         if name.startswith("conveyor:engine_steps{")}
+                assert len(steps) == 2 and all(value > 0 for value in steps.values()), steps
+        finally:
+            assert server.stop() == []
