@@ -16,8 +16,8 @@ from engine_core.protocol import PoolingParams
 from frontend.embedding_encoding import encode_values
 from frontend.errors import BadRequestError
 from frontend.pooling_protocol import EmbeddingRequest, PoolingRequest
-from frontend.serving_pooling import (PooledResult, pooling_request_id, request_prompts, require_pooler,
-                                      require_task, run_pooling, usage)
+from frontend.serving_pooling import (PooledResult, PoolingPrompt, pooling_request_id, request_prompts,
+                                      require_pooler, require_task, run_pooling, usage)
 from frontend.state import FrontendState
 from frontend.streaming import ClientDisconnected, unless_disconnected
 
@@ -61,15 +61,7 @@ class EmbeddingServing:
                                dimensions=check_dimensions(pooler, request.dimensions, name))
         prompts = request_prompts(frontend, request)
         request_id = pooling_request_id("embd", request, raw_request.headers)
-        results = await collect(raw_request, run_pooling(frontend, request_id, request, prompts, params))
-        if isinstance(results, Response):
-            return results
-        data = [{"index": index, "object": "embedding",
-                 "embedding": encode_values(result.values, request.encoding_format, request.embed_dtype,
-                                            request.endianness)}
-                for index, result in enumerate(results)]
-        return JSONResponse({"id": request_id, "object": "list", "created": int(time.time()), "model": name,
-                             "data": data, "usage": usage(results)})
+        return await self._respond(request, raw_request, request_id, prompts, params, ("embedding", "embedding"))
 
     async def create_pooling(self, request: PoolingRequest, raw_request: Request) -> Response:
         frontend = self.frontend
@@ -78,12 +70,19 @@ class EmbeddingServing:
         params = self._pooling_params(request, require_pooler(frontend, "/pooling"))
         prompts = request_prompts(frontend, request)
         request_id = pooling_request_id("pool", request, raw_request.headers)
+        return await self._respond(request, raw_request, request_id, prompts, params, ("pooling", "data"))
+
+    async def _respond(self, request: EmbeddingRequest | PoolingRequest, raw_request: Request, request_id: str,
+                       prompts: list[PoolingPrompt], params: PoolingParams, item: tuple[str, str]) -> Response:
+        """Run the prompts; a list of `{"index", "object": item[0], item[1]: values}` in the requested encoding."""
+        frontend = self.frontend
         results = await collect(raw_request, run_pooling(frontend, request_id, request, prompts, params))
         if isinstance(results, Response):
             return results
-        data = [{"index": index, "object": "pooling",
-                 "data": encode_values(result.values, request.encoding_format, request.embed_dtype,
-                                       request.endianness)}
+        object_name, field = item
+        data = [{"index": index, "object": object_name,
+                 field: encode_values(result.values, request.encoding_format, request.embed_dtype,
+                                      request.endianness)}
                 for index, result in enumerate(results)]
         return JSONResponse({"id": request_id, "object": "list", "created": int(time.time()),
                              "model": frontend.model_config.served_model_name, "data": data,

@@ -57,26 +57,16 @@ async def create_classification(raw_request: Request, body: dict[str, Any] = Bod
 
 
 @router.post("/score")
+@v1_router.post("/v1/score")
 async def create_score(body: ScoreRequest, raw_request: Request,
                        serving: ScoreServing = Depends(get_score_serving)) -> Response:
     return await serving.create_score(body, raw_request)
 
 
-@v1_router.post("/v1/score")
-async def create_score_v1(body: ScoreRequest, raw_request: Request,
-                          serving: ScoreServing = Depends(get_score_serving)) -> Response:
-    return await serving.create_score(body, raw_request)
-
-
 @router.post("/rerank")
+@v1_router.post("/v1/rerank")
 async def rerank(body: RerankRequest, raw_request: Request,
                  serving: ScoreServing = Depends(get_score_serving)) -> Response:
-    return await serving.rerank(body, raw_request, "jina")
-
-
-@v1_router.post("/v1/rerank")
-async def rerank_v1(body: RerankRequest, raw_request: Request,
-                    serving: ScoreServing = Depends(get_score_serving)) -> Response:
     return await serving.rerank(body, raw_request, "jina")
 
 
