@@ -113,6 +113,21 @@ class PoolingOutput(msgspec.Struct, **_WIRE):
         return [flat[i:i + width] for i in range(0, len(flat), width)]
 
 
+# --------------------------------------------------------------------------- speech (encoder-decoder)
+
+
+AUDIO_SAMPLE_RATE = 16000
+AUDIO_WINDOW_SAMPLES = 30 * AUDIO_SAMPLE_RATE  # Whisper's encoder sees 30 s at a time
+
+
+class AudioInput(msgspec.Struct, **_WIRE):
+    """One window of speech for an encoder-decoder model (Whisper): 16 kHz mono PCM as little-endian float32 in
+    [-1, 1], at most `AUDIO_WINDOW_SAMPLES` samples. The worker turns it into log-mel features and runs the
+    encoder once, at the request's first step; the request's prompt tokens are the decoder's prompt."""
+
+    samples: bytes
+
+
 class TokenLogprobs(msgspec.Struct, **_WIRE):
     """Log-probabilities for one generated position (raw model distribution, before sampling transforms)."""
 
@@ -141,6 +156,7 @@ class EngineCoreRequest(msgspec.Struct, tag="req", **_WIRE):
     # params (do_remote_prefill, remote_*) on a decode instance. Opaque to the frontend.
     kv_transfer_params: Union[dict[str, Any], None] = None
     pooling_params: Union[PoolingParams, None] = None
+    audio: Union[AudioInput, None] = None  # encoder-decoder speech models: the audio the decoder attends to
 
 
 class AbortRequest(msgspec.Struct, tag="abort", **_WIRE):
@@ -323,6 +339,7 @@ class NewRequestData(msgspec.Struct, **_WIRE):
     num_computed_tokens: int  # tokens whose KV is already in the cache (prefix-cache hits)
     eos_token_id: Union[int, None] = None  # masked until min_tokens are out
     pooling_params: Union[PoolingParams, None] = None  # a pooling request: pool once the prompt is computed
+    audio: Union[AudioInput, None] = None  # encoder-decoder: encode once, at the first step (again after preemption)
 
 
 class CachedRequestData(msgspec.Struct, **_WIRE):

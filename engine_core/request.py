@@ -17,7 +17,7 @@ import enum
 from typing import Any
 
 from engine_core.block_hash import BlockHash
-from engine_core.protocol import (EngineCoreRequest, PoolingParams, RepetitionDetection, SamplingParams,
+from engine_core.protocol import (AudioInput, EngineCoreRequest, PoolingParams, RepetitionDetection, SamplingParams,
                                   TokenLogprobs)
 
 
@@ -65,6 +65,7 @@ class Request:
         client_index: int = 0,
         kv_transfer_params: dict[str, Any] | None = None,
         pooling_params: PoolingParams | None = None,
+        audio: AudioInput | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -79,6 +80,7 @@ class Request:
         self.kv_transfer_params = kv_transfer_params  # from the client (see engine_core/kv_transfer.py)
         self.kv_transfer_params_out: dict[str, Any] | None = None  # for the response: a producer's hand-off
         self.pooling_params = pooling_params  # a pooling request: finishes with its pooled result, no tokens
+        self.audio = audio  # encoder-decoder speech: sent to the worker with every (re)start
 
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
@@ -111,6 +113,7 @@ class Request:
             client_index=req.client_index,
             kv_transfer_params=req.kv_transfer_params,
             pooling_params=req.pooling_params,
+            audio=req.audio,
         )
 
     @property

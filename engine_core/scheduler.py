@@ -345,7 +345,7 @@ class Scheduler:
                 new_requests.append(NewRequestData(
                     request.request_id, request.take_unsent_token_ids(), request.num_prompt_tokens,
                     request.sampling_params, list(request.block_ids), request.num_computed_tokens,
-                    request.eos_token_id, request.pooling_params))
+                    request.eos_token_id, request.pooling_params, request.audio))
             else:
                 cached_requests.append(CachedRequestData(
                     request.request_id, request.take_unsent_token_ids(), plan.new_block_ids[request.request_id],
