@@ -143,7 +143,7 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
     import importlib.util
 
     from conveyor.model_source import resolve_model_config
-    from conveyor.pooling_config import parse_pooler_config
+    from conveyor.serving_mode import ENCODER_DECODER_ARCHITECTURES, parse_pooler_config
 
     if args.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
         raise SystemExit("--distributed-executor-backend ray needs Ray: pip install 'ray[serve]==2.60.0' "
@@ -167,6 +167,8 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
     if mode.is_encoder:  # bidirectional attention over the whole prompt at once; no KV cache to share
         chunked_prefill, prefix_caching = False, False
         max_batched = max(max_batched, model.max_model_len)
+    if model.architecture in ENCODER_DECODER_ARCHITECTURES:
+        prefix_caching = False  # the decoder's KV depends on the audio, which block hashes do not cover
     engine = EngineConfig(
         model=model,
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conveyor.pooling_config import ServingMode, resolve_serving_mode
+from conveyor.serving_mode import ServingMode, resolve_serving_mode
 from engine_core.config import ModelConfig, read_text_or_file
 
 logger = logging.getLogger("conveyor.model")
@@ -99,12 +99,25 @@ def _resolve_dtype(requested: str, checkpoint_dtype: str, device: str) -> str:
     return checkpoint_dtype
 
 
+def is_ctranslate2_folder(folder: Path) -> bool:
+    """A CTranslate2 (faster-whisper) model folder: model.bin (or model.bin.part1, ...) and no safetensors."""
+    has_model = (folder / "model.bin").is_file() or (folder / "model.bin.part1").is_file()
+    return has_model and not any(folder.glob("*.safetensors"))
+
+
 def _folder_facts(folder: str) -> _CheckpointFacts:
     config_path = Path(folder) / "config.json"
     if not config_path.exists():
         raise ModelNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    config = json.loads(config_path.read_text())
+    if is_ctranslate2_folder(Path(folder)):
+        from workers.ctranslate2 import read_whisper_config  # numpy only: no torch in the launcher
+
+        config = read_whisper_config(folder)
+    else:
+        config = json.loads(config_path.read_text())
     text_config = config.get("text_config", config)
+    if config.get("model_type") == "whisper":  # the decoder's positions bound a request; WhisperConfig's name
+        text_config = {**text_config, "max_position_embeddings": config.get("max_target_positions", 448)}
     eos: Any = None
     generation_path = Path(folder) / "generation_config.json"
     if generation_path.exists():

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark OpenAI-compatible servers on /v1/completions with streaming (or /v1/embeddings), side by side.
 
-`--mode embeddings` measures sentences/s on /v1/embeddings instead (see scripts/bench_embeddings.py).
+`--mode embeddings` measures sentences/s on /v1/embeddings instead (see scripts/bench_embeddings.py), and
+`--mode transcriptions` the real-time factor on /v1/audio/transcriptions (see scripts/bench_speech.py).
 
     python scripts/bench_serving.py --tokenizer /work/peers/smollm2-hf \\
         --target conveyor=http://127.0.0.1:8100 --target vllm=http://127.0.0.1:8200 \\
@@ -360,10 +361,13 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["completions", "embeddings"], default="completions")
+    p.add_argument("--mode", choices=["completions", "embeddings", "transcriptions"], default="completions")
+    p.add_argument("--audio", nargs="+", default=[], help="transcriptions: the clips to upload (cycled)")
+    p.add_argument("--num-requests", type=int, default=32, help="transcriptions: uploads per level")
     p.add_argument("--num-sentences", type=int, default=512, help="embeddings: sentences per level")
     p.add_argument("--in-process", metavar="MODEL_DIR",
-                   help="embeddings: add sentence-transformers encode() on this folder as an in-process baseline")
+                   help="embeddings: add sentence-transformers encode() on this folder as an in-process baseline; "
+                        "transcriptions: transformers generate() on this Hugging Face Whisper folder")
     p.add_argument("--target", action="append", type=parse_target, default=[], metavar="NAME=BASE_URL",
                    help="a server to benchmark (repeatable); BASE_URL like http://127.0.0.1:8000")
     p.add_argument("--base-url", help="shorthand for a single --target NAME=BASE_URL named 'server'")
@@ -441,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if args.mode == "embeddings":
         return _main_embeddings(args, started_at)
+    if args.mode == "transcriptions":
+        return _main_transcriptions(args, started_at)
     workloads = build_workloads(args)
     results = asyncio.run(run_benchmark(args, workloads))
     config = {k: v for k, v in vars(args).items() if k not in ("target", "base_url", "combine")}
@@ -458,11 +464,29 @@ def _main_embeddings(args: argparse.Namespace, started_at: str) -> int:
     results = asyncio.run(run_embeddings_benchmark(targets, args.concurrency, args.num_sentences, args.seed,
                                                    args.in_process, warmup=not args.no_warmup,
                                                    timeout_s=args.request_timeout))
-    table = format_embeddings_table(results)
+    config = {"mode": "embeddings", "num_sentences": args.num_sentences}
+    return _write_mode_outputs(args, started_at, config, results, format_embeddings_table(results))
+
+
+def _main_transcriptions(args: argparse.Namespace, started_at: str) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_speech import SpeechTarget, format_speech_table, run_speech_benchmark
+
+    if not args.audio:
+        raise SystemExit("--mode transcriptions needs --audio FILE...")
+    targets = [SpeechTarget(t.name, t.base_url) for t in args.target]
+    results = asyncio.run(run_speech_benchmark(targets, args.audio, args.concurrency, args.num_requests,
+                                               args.in_process, warmup=not args.no_warmup,
+                                               timeout_s=args.request_timeout))
+    config = {"mode": "transcriptions", "audio": args.audio, "num_requests": args.num_requests}
+    return _write_mode_outputs(args, started_at, config, results, format_speech_table(results))
+
+
+def _write_mode_outputs(args: argparse.Namespace, started_at: str, config: dict[str, Any],
+                        results: list[dict[str, Any]], table: str) -> int:
     print(table)
-    config = {"mode": "embeddings", "targets": [asdict(t) for t in args.target], "concurrency": args.concurrency,
-              "num_sentences": args.num_sentences, "in_process": args.in_process, "started_at": started_at,
-              "note": args.note}
+    config.update(targets=[asdict(t) for t in args.target], concurrency=args.concurrency,
+                  in_process=args.in_process, started_at=started_at, note=args.note)
     if args.result_json:
         Path(args.result_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.result_json).write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")

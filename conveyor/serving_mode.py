@@ -21,6 +21,8 @@ from engine_core.config import CONVERSIONS, POOLING_TYPES, PoolerConfig
 ENCODER_ARCHITECTURES = frozenset({
     "BertModel", "BertForSequenceClassification", "RobertaModel", "RobertaForSequenceClassification",
     "XLMRobertaModel", "XLMRobertaForSequenceClassification"})
+# Encoder-decoder speech models: generate text from audio (the encoder runs once per request).
+ENCODER_DECODER_ARCHITECTURES = frozenset({"WhisperForConditionalGeneration"})
 _ST_POOLING_MODES = {"pooling_mode_cls_token": "CLS", "pooling_mode_mean_tokens": "MEAN",
                      "pooling_mode_lasttoken": "LAST"}
 _POOLER_CONFIG_KEYS = {"pooling_type", "normalize"}

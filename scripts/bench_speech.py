@@ -1,0 +1,180 @@
+"""Transcriptions mode of `scripts/bench_serving.py`: real-time factor on /v1/audio/transcriptions, side by side.
+
+    python scripts/bench_serving.py --mode transcriptions \\
+        --target conveyor=http://127.0.0.1:8100 --target vllm=http://127.0.0.1:8200 \\
+        --audio tests/data/audio/*.wav --in-process HF_WHISPER_DIR --concurrency 1 8 --num-requests 32
+
+Workload: `--num-requests` uploads cycling through the `--audio` clips (the same for every target), greedy
+(temperature 0), English, response_format json; `concurrency` uploads in flight at any time. Levels run in order;
+within a level the targets run one after another, order rotated per level.
+
+`--in-process DIR` adds transformers' `WhisperForConditionalGeneration.generate()` on a Hugging Face Whisper
+folder (scripts/convert_ctranslate2_whisper.py makes one from a CTranslate2 folder) with batch size = the
+concurrency level. Per level and target: real-time factor (audio seconds transcribed per wall second, higher is
+faster), requests/s, latency mean/p50/p99 (ms).
+"""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+
+
+@dataclass(frozen=True)
+class SpeechTarget:
+    name: str
+    base_url: str
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    data: bytes  # the file as uploaded
+    seconds: float
+    samples_16k: Any  # float32 numpy array at 16 kHz mono, for the in-process baseline
+
+
+def load_clips(paths: list[str]) -> list[Clip]:
+    import numpy as np
+    import soundfile
+    import soxr
+
+    clips = []
+    for path in paths:
+        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        mono = samples.mean(axis=1)
+        clips.append(Clip(Path(path).name, Path(path).read_bytes(), len(mono) / rate,
+                          np.asarray(soxr.resample(mono, rate, 16000), dtype=np.float32)))
+    return clips
+
+
+async def _model_name(client: aiohttp.ClientSession, base_url: str) -> str:
+    async with client.get(f"{base_url}/v1/models") as response:
+        response.raise_for_status()
+        return str((await response.json())["data"][0]["id"])
+
+
+async def run_http_level(client: aiohttp.ClientSession, target: SpeechTarget, model: str, workload: list[Clip],
+                         concurrency: int) -> dict[str, Any]:
+    queue = list(reversed(workload))
+    latencies: list[float] = []
+    errors: list[str] = []
+    audio_seconds = 0.0
+
+    async def worker() -> None:
+        nonlocal audio_seconds
+        while queue:
+            clip = queue.pop()
+            form = aiohttp.FormData()
+            form.add_field("file", clip.data, filename=clip.name)
+            for key, value in (("model", model), ("language", "en"), ("temperature", "0"),
+                               ("response_format", "json")):
+                form.add_field(key, value)
+            started = time.perf_counter()
+            async with client.post(f"{target.base_url}/v1/audio/transcriptions", data=form) as response:
+                body = await response.read()
+                if response.status != 200 or b'"text"' not in body:
+                    errors.append(f"{response.status}: {body[:200]!r}")
+                    continue
+            latencies.append(time.perf_counter() - started)
+            audio_seconds += clip.seconds
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return _summary(target.name, concurrency, audio_seconds, time.perf_counter() - started, latencies, errors)
+
+
+def in_process_transcriber(model_dir: str) -> Callable[[list[Clip]], list[str]]:
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    processor = WhisperProcessor.from_pretrained(model_dir)
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
+
+    @torch.inference_mode()
+    def transcribe(batch: list[Clip]) -> list[str]:
+        features = processor([clip.samples_16k for clip in batch], sampling_rate=16000,
+                             return_tensors="pt").input_features
+        kwargs: dict[str, Any] = {"language": "en", "task": "transcribe"} if multilingual else {}
+        tokens = model.generate(features, do_sample=False, **kwargs)
+        return [str(text) for text in processor.batch_decode(tokens, skip_special_tokens=True)]
+
+    return transcribe
+
+
+def run_in_process_level(transcribe: Callable[[list[Clip]], list[str]], workload: list[Clip],
+                         concurrency: int) -> dict[str, Any]:
+    latencies = []
+    started = time.perf_counter()
+    for i in range(0, len(workload), concurrency):
+        batch = workload[i:i + concurrency]
+        batch_started = time.perf_counter()
+        transcribe(batch)
+        latencies.extend([time.perf_counter() - batch_started] * len(batch))
+    return _summary("transformers-generate", concurrency, sum(clip.seconds for clip in workload),
+                    time.perf_counter() - started, latencies, [])
+
+
+def _summary(name: str, concurrency: int, audio_seconds: float, duration_s: float, latencies: list[float],
+             errors: list[str]) -> dict[str, Any]:
+    ordered = sorted(latencies)
+
+    def pct(q: float) -> float | None:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else None
+
+    return {"target": name, "concurrency": concurrency, "completed": len(latencies), "failed": len(errors),
+            "errors": errors[:3], "duration_s": duration_s, "audio_seconds": audio_seconds,
+            "real_time_factor": audio_seconds / duration_s if duration_s > 0 else 0.0,
+            "requests_per_s": len(latencies) / duration_s if duration_s > 0 else 0.0,
+            "latency_ms_mean": statistics.fmean(latencies) * 1000 if latencies else None,
+            "latency_ms_p50": pct(0.5), "latency_ms_p99": pct(0.99)}
+
+
+async def run_speech_benchmark(targets: list[SpeechTarget], audio_paths: list[str], concurrency_levels: list[int],
+                               num_requests: int, in_process_dir: str | None, warmup: bool = True,
+                               timeout_s: float = 600.0) -> list[dict[str, Any]]:
+    clips = load_clips(audio_paths)
+    workload = [clips[i % len(clips)] for i in range(num_requests)]
+    transcribe = in_process_transcriber(in_process_dir) if in_process_dir else None
+    results: list[dict[str, Any]] = []
+    connector = aiohttp.TCPConnector(limit=max(concurrency_levels) + 8)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
+        models = {target.name: await _model_name(client, target.base_url) for target in targets}
+        if warmup:
+            for target in targets:
+                await run_http_level(client, target, models[target.name], clips[:2], 2)
+            if transcribe is not None:
+                transcribe(clips[:1])
+        for level_index, concurrency in enumerate(concurrency_levels):
+            runners: list[Callable[[], Any]] = [
+                (lambda t=target: run_http_level(client, t, models[t.name], workload, concurrency))
+                for target in targets]
+            if transcribe is not None:
+                runners.append(lambda: asyncio.to_thread(run_in_process_level, transcribe, workload, concurrency))
+            shift = level_index % len(runners)
+            for runner in runners[shift:] + runners[:shift]:
+                result = await runner()
+                print(f"[bench] c={concurrency} {result['target']}: real-time factor "
+                      f"{result['real_time_factor']:.1f}" + (f" ({result['failed']} failed: {result['errors'][0]})"
+                                                            if result["failed"] else ""), flush=True)
+                results.append(result)
+    return results
+
+
+def format_speech_table(results: list[dict[str, Any]]) -> str:
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    lines = ["| concurrency | target | real-time factor | requests/s | latency mean ms | p50 ms | p99 ms | failed |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(results, key=lambda r: (r["concurrency"], r["target"])):
+        lines.append(f"| {r['concurrency']} | {r['target']} | {fmt(r['real_time_factor'])} | "
+                     f"{r['requests_per_s']:.2f} | {fmt(r['latency_ms_mean'])} | {fmt(r['latency_ms_p50'])} | "
+                     f"{fmt(r['latency_ms_p99'])} | {r['failed']} |")
+    return "\n".join(lines)
