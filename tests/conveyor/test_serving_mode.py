@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.cli import build_parser, engine_config_from_args
-from conveyor.pooling_config import resolve_serving_mode
+from conveyor.serving_mode import resolve_serving_mode
 from engine_core.config import EngineConfig
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / ".models"
