@@ -15,13 +15,14 @@ from engine_core.config import FrontendConfig, ModelConfig
 from frontend.dependencies import verify_api_key
 from frontend.engine_client import EngineClient
 from frontend.errors import install_error_handlers
-from frontend.routers import chat, completions, metrics, models, pooling, responses, tokenize
+from frontend.routers import audio, chat, completions, metrics, models, pooling, responses, tokenize
 from frontend.serving_chat import ChatServing
 from frontend.serving_classification import ClassificationServing
 from frontend.serving_completion import CompletionServing
 from frontend.serving_embedding import EmbeddingServing
 from frontend.serving_responses import ResponsesServing
 from frontend.serving_score import ScoreServing
+from frontend.serving_transcription import SpeechServing
 from frontend.state import FrontendState
 
 logger = logging.getLogger("conveyor.frontend")
@@ -47,6 +48,7 @@ def create_app(model_config: ModelConfig, frontend_config: FrontendConfig, engin
     app.state.embedding_serving = EmbeddingServing(state)
     app.state.classification_serving = ClassificationServing(state)
     app.state.score_serving = ScoreServing(state)
+    app.state.speech_serving = SpeechServing(state)
     install_error_handlers(app)
     protected = [Depends(verify_api_key)]
     app.include_router(models.v1_router, dependencies=protected)
@@ -54,6 +56,8 @@ def create_app(model_config: ModelConfig, frontend_config: FrontendConfig, engin
     app.include_router(chat.v1_router, dependencies=protected)
     app.include_router(responses.v1_router, dependencies=protected)
     app.include_router(pooling.v1_router, dependencies=protected)  # also /v2/rerank
+    app.include_router(audio.v1_router, dependencies=protected)
+    app.include_router(audio.websocket_router)  # checks the API key itself
     app.include_router(models.router)
     app.include_router(tokenize.router)
     app.include_router(pooling.router)

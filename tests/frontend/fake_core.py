@@ -46,6 +46,8 @@ class FakeCore:
     address: str = "tcp://127.0.0.1:0"  # a random port (inproc would need a shared zmq Context)
     model_config: ModelConfig | None = None  # answers a frontend's start-up handshake when set
     pooling_width: int = 8  # values per token of a pooling request's fake hidden state (see fake_pooled)
+    # Speech requests (with audio): the tokens to answer; finish "stop" when they end with the request's eos.
+    speech_token_ids: Callable[[EngineCoreRequest], list[int]] | None = None
     requests: list[EngineCoreRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     hellos: list[int] = field(default_factory=list)
@@ -141,7 +143,10 @@ class FakeCore:
                 self._send(identity, EngineCoreOutputs(outputs=[EngineCoreOutput(
                     message.request_id, [], finish_reason="stop", pooling_output=_pooling_output(rows))]))
                 return
-            if self.script is not None:
+            if message.audio is not None and self.speech_token_ids is not None:
+                tokens = self.speech_token_ids(message)
+                reason, stop_reason = ("stop" if tokens and tokens[-1] == message.eos_token_id else "length"), None
+            elif self.script is not None:
                 tokens, reason, stop_reason = self.script(message)
             else:
                 max_tokens = message.sampling_params.max_tokens

@@ -32,6 +32,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "RobertaForSequenceClassification": ("bert", "RobertaForSequenceClassification"),
     "XLMRobertaModel": ("bert", "RobertaModel"),
     "XLMRobertaForSequenceClassification": ("bert", "RobertaForSequenceClassification"),
+    "WhisperForConditionalGeneration": ("whisper", "WhisperForConditionalGeneration"),
 }
 # A causal LM served with `--runner pooling`: (architecture, convert) -> the class built instead.
 _POOLING_CONVERSIONS: dict[tuple[str, str], tuple[str, str]] = {
@@ -42,9 +43,11 @@ _POOLING_CONVERSIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("MistralForCausalLM", "classify"): ("llama", "LlamaForSequenceClassification"),
     ("Qwen2ForCausalLM", "classify"): ("llama", "Qwen2ForSequenceClassification"),
 }
-_GENERATIVE = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+_GENERATIVE = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                         "WhisperForConditionalGeneration"})
 # model_type fallback for configs without `architectures` (some GGUF-derived configs)
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "whisper": "WhisperForConditionalGeneration"}
 
 
 class CausalLM(Protocol):
