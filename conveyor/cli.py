@@ -87,7 +87,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     group.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     group.add_argument("--max-num-batched-tokens", type=int, default=None)
-    group.add_argument("--max-num-seqs", type=int, default=256)
+    group.add_argument("--max-num-seqs", type=int, default=None,
+                       help="requests in one step at most (default 256; 64 for speech models, whose requests each "
+                            "hold the encoder's cross-attention keys and values)")
     group.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     group.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default="mp",
@@ -167,15 +169,17 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
     if mode.is_encoder:  # bidirectional attention over the whole prompt at once; no KV cache to share
         chunked_prefill, prefix_caching = False, False
         max_batched = max(max_batched, model.max_model_len)
+    max_num_seqs = args.max_num_seqs or 256
     if model.architecture in ENCODER_DECODER_ARCHITECTURES:
         prefix_caching = False  # the decoder's KV depends on the audio, which block hashes do not cover
+        max_num_seqs = args.max_num_seqs or 64  # memory the KV budget does not count: 18-37 MB each for tiny/base
     engine = EngineConfig(
         model=model,
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_memory_bytes=parse_byte_size(args.kv_cache_memory) if args.kv_cache_memory else None,
                           enable_prefix_caching=prefix_caching,
                           num_blocks_override=args.num_gpu_blocks_override, kv_transfer=args.kv_transfer_config),
-        scheduler=SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=args.max_num_seqs,
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=max_num_seqs,
                                   max_model_len=model.max_model_len, policy=args.scheduling_policy,
                                   enable_chunked_prefill=chunked_prefill,
                                   pooling_tasks=model.pooler.tasks if model.pooler is not None else ()),

@@ -73,6 +73,8 @@ def resolve_model_config(model: str | None, served_model_name: str | None = None
         limit -= int(facts.hf_config.get("pad_token_id", 1)) + 1  # positions start after the padding index
     default_len = min(limit, mode.max_seq_length or limit)
     if max_model_len is not None and max_model_len > limit:
+        if mode.is_encoder or facts.hf_config.get("model_type") == "whisper":  # learned positions end there
+            raise ModelNotFoundError(f"--max-model-len {max_model_len} exceeds the model's {limit} positions")
         logger.warning("--max-model-len %d exceeds the model's %d positions", max_model_len, limit)
     return ModelConfig(
         model=path, runner=mode.runner, convert=mode.convert, pooler=mode.pooler,

