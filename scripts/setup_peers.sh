@@ -52,6 +52,8 @@ setup_vllm() {
     # PyPI's torchvision/torchaudio/torchcodec are built against CUDA torch; on the CPU torch
     # they make `import vllm` fail, and vLLM serves text models without them.
     "$venv/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
+    # vLLM's audio extras: without them its /v1/audio/transcriptions refuses every file as unsupported.
+    "${NICE[@]}" "$venv/bin/pip" install --quiet soundfile librosa
     "$venv/bin/python" -c "import vllm; print('vllm', vllm.__version__)"
 }
 
