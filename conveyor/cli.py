@@ -6,7 +6,7 @@ import os
 import sys
 
 from engine_core.config import (CacheConfig, EngineConfig, FrontendConfig, KVTransferConfig, ParallelConfig,
-                                SchedulerConfig, parse_byte_size)
+                                SchedulerConfig, parse_byte_size, parse_json_object)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +145,7 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
     import importlib.util
 
     from conveyor.model_source import resolve_model_config
-    from conveyor.serving_mode import ENCODER_DECODER_ARCHITECTURES, parse_pooler_config
+    from conveyor.serving_mode import ENCODER_DECODER_ARCHITECTURES
 
     if args.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
         raise SystemExit("--distributed-executor-backend ray needs Ray: pip install 'ray[serve]==2.60.0' "
@@ -160,7 +160,8 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
             tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
             generation_config=args.generation_config, chat_template=args.chat_template, device=device,
             runner=runner, convert=convert,
-            pooler_overrides=parse_pooler_config(args.pooler_config) if args.pooler_config else None,
+            pooler_overrides=(parse_json_object(args.pooler_config, "--pooler-config")
+                              if args.pooler_config else None),
             score_template=args.score_template)
     except ValueError as exc:
         raise SystemExit(f"conveyor serve: {exc}") from None

@@ -112,16 +112,6 @@ def _max_seq_length(folder: Path | None) -> int | None:
     return int(value) if value else None
 
 
-def parse_pooler_config(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--pooler-config is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError("--pooler-config must be a JSON object")
-    return value
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}

@@ -100,12 +100,7 @@ class KVTransferConfig:
     @classmethod
     def from_json(cls, text: str) -> KVTransferConfig:
         """Parse and check the --kv-transfer-config JSON; ValueError names the bad key."""
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--kv-transfer-config is not valid JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ValueError("--kv-transfer-config must be a JSON object")
+        raw = parse_json_object(text, "--kv-transfer-config")
         extra = dict(raw.get("kv_connector_extra_config") or {})
         known = {"kv_connector", "kv_role", "kv_ip", "kv_port", "engine_id", "kv_load_failure_policy",
                  "kv_connector_extra_config"}
@@ -183,6 +178,17 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     engine_address: str = ""  # ZeroMQ address frontends connect to, e.g. ipc:///tmp/conveyor-xyz/engine
     dp_master_address: str = ""  # data-parallel rank > 0: rank 0's engine_address, where this core registers
+
+
+def parse_json_object(text: str, flag: str) -> dict[str, Any]:
+    """A flag's JSON object value; ValueError names the flag."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object")
+    return value
 
 
 def read_text_or_file(value: str | None) -> str | None:

@@ -18,7 +18,6 @@ RoBERTa's classification head (`classifier.dense`, `classifier.out_proj`) maps o
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +28,8 @@ from torch import nn
 
 from workers.attention import AttentionMetadata
 from workers.layers import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from workers.models.weights import load_hf_weights, raise_if_missing
 
-logger = logging.getLogger(__name__)
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact (erf), as transformers' "gelu"
@@ -245,24 +244,8 @@ class BertModel(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into this rank's (fused, sharded) parameters; every parameter must
         be covered."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for hf_name, tensor in weights:
-            name, shard_id = _our_name(hf_name)
-            if name not in params:
-                if not name.startswith(_IGNORED_PREFIXES + self._unused_prefixes()):
-                    logger.warning("ignoring checkpoint tensor %s: no such parameter", hf_name)
-                continue
-            module_name, param_name = name.rsplit(".", 1)
-            loader = getattr(self.get_submodule(module_name), "load_weight", None)
-            if loader is not None:
-                loader(param_name, tensor, shard_id)
-            else:
-                params[name].data.copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {missing[:3]}")
+        unused = _IGNORED_PREFIXES + self._unused_prefixes()
+        raise_if_missing(load_hf_weights(self, weights, _our_name, lambda name: name.startswith(unused)))
 
     def _unused_prefixes(self) -> tuple[str, ...]:
         return ("pooler.",)  # the bare model's pooler output is not an embedding (sentence-transformers agrees)

@@ -30,6 +30,7 @@ from workers.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
+from workers.models.weights import load_hf_weights, raise_if_missing
 
 logger = logging.getLogger(__name__)
 
@@ -162,26 +163,10 @@ class _LlamaBody(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into this rank's (fused, sharded) parameters; every parameter must
         be covered."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for hf_name, tensor in weights:
-            name, shard_id = _fused_name(hf_name)
-            if self._load_head(name, tensor):
-                loaded.add(name)
-                continue
-            if name not in params:
-                if not (name.startswith(self._unused_prefixes) or "rotary_emb" in name):
-                    logger.warning("ignoring checkpoint tensor %s: no such parameter", hf_name)
-                continue
-            module_name, param_name = name.rsplit(".", 1)
-            module = self.get_submodule(module_name)
-            loader = getattr(module, "load_weight", None)
-            if loader is not None:
-                loader(param_name, tensor, shard_id)
-            else:
-                params[name].data.copy_(tensor)
-            loaded.add(name)
-        self._check_all_loaded(set(dict(self.named_parameters())) - loaded)
+        self._check_all_loaded(load_hf_weights(
+            self, weights, _fused_name,
+            expected_unused=lambda name: name.startswith(self._unused_prefixes) or "rotary_emb" in name,
+            take=self._load_head))
 
     # A tied model's lm_head.weight is the embedding's (Hugging Face behaves the same).
     _unused_prefixes: tuple[str, ...] = ("lm_head.weight",)
@@ -191,8 +176,7 @@ class _LlamaBody(nn.Module):
         return False
 
     def _check_all_loaded(self, missing: set[str]) -> None:
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+        raise_if_missing(missing)
 
 
 class LlamaForCausalLM(_LlamaBody):

@@ -21,7 +21,6 @@ embedding. Tensor parallelism is not implemented (tp_size must be 1).
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +33,8 @@ from workers.attention import Attention, AttentionMetadata
 from workers.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                             VocabParallelEmbedding)
 from workers.layers.linear import ColumnParallelLinear
+from workers.models.weights import load_hf_weights, raise_if_missing
 
-logger = logging.getLogger(__name__)
 
 # (fused parameter module, checkpoint module, shard id); the first match wins.
 _STACKED_PARAMS: list[tuple[str, str, str | int]] = [
@@ -364,24 +363,8 @@ class WhisperForConditionalGeneration(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into the (fused) parameters; every parameter must be covered."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for hf_name, tensor in weights:
-            name, shard_id = _fused_name(hf_name)
-            if name not in params:
-                if name != "proj_out.weight":  # tied to the token embedding
-                    logger.warning("ignoring checkpoint tensor %s: no such parameter", hf_name)
-                continue
-            module_name, param_name = name.rsplit(".", 1)
-            loader = getattr(self.get_submodule(module_name), "load_weight", None)
-            if loader is not None:
-                loader(param_name, tensor, shard_id)
-            else:
-                params[name].data.copy_(tensor)
-            loaded.add(name)
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+        # proj_out is tied to the token embedding.
+        raise_if_missing(load_hf_weights(self, weights, _fused_name, lambda name: name == "proj_out.weight"))
 
 
 def _fused_name(hf_name: str) -> tuple[str, str | int | None]:
