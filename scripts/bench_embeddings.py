@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import aiohttp
+from bench_levels import Runner, format_levels_table, latency_stats, run_interleaved
 
 _WORDS = ("the a man woman child dog cat bird car train city river mountain house garden kitchen table book "
           "letter music song film game team player doctor teacher student market price water coffee bread food "
@@ -122,16 +122,9 @@ def run_in_process_level(label: str, encode: Callable[[list[str], int], Any], se
 
 def _summary(name: str, concurrency: int, completed: int, duration_s: float, latencies: list[float],
              errors: list[str]) -> dict[str, Any]:
-    ordered = sorted(latencies)
-
-    def pct(q: float) -> float | None:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else None
-
     return {"target": name, "concurrency": concurrency, "completed": completed, "failed": len(errors),
             "errors": errors[:3], "duration_s": duration_s,
-            "sentences_per_s": completed / duration_s if duration_s > 0 else 0.0,
-            "latency_ms_mean": statistics.fmean(latencies) * 1000 if latencies else None,
-            "latency_ms_p50": pct(0.5), "latency_ms_p99": pct(0.99)}
+            "sentences_per_s": completed / duration_s if duration_s > 0 else 0.0, **latency_stats(latencies)}
 
 
 async def run_embeddings_benchmark(targets: list[EmbeddingTarget], concurrency_levels: list[int],
@@ -139,7 +132,6 @@ async def run_embeddings_benchmark(targets: list[EmbeddingTarget], concurrency_l
                                    warmup: bool = True, timeout_s: float = 600.0) -> list[dict[str, Any]]:
     sentences = make_sentences(num_sentences, seed)
     encoder = in_process_encoder(in_process_dir) if in_process_dir else None
-    results: list[dict[str, Any]] = []
     # aiohttp, not httpx: at 64 connections httpx's client spent ~5 ms of CPU per request, taken from the servers
     # on a 2-core machine.
     connector = aiohttp.TCPConnector(limit=max(concurrency_levels) + 8)
@@ -150,31 +142,20 @@ async def run_embeddings_benchmark(targets: list[EmbeddingTarget], concurrency_l
                 await run_http_level(client, target, models[target.name], sentences[:8], 4)
             if encoder is not None:
                 encoder[1](sentences[:8], 8)
-        for level_index, concurrency in enumerate(concurrency_levels):
-            runners: list[Callable[[], Any]] = [
+
+        def runners_for(concurrency: int) -> list[Runner]:
+            runners: list[Runner] = [
                 (lambda t=target: run_http_level(client, t, models[t.name], sentences, concurrency))
                 for target in targets]
             if encoder is not None:
                 runners.append(lambda: asyncio.to_thread(run_in_process_level, encoder[0], encoder[1], sentences,
                                                          concurrency))
-            shift = level_index % len(runners)
-            for runner in runners[shift:] + runners[:shift]:
-                result = await runner()
-                print(f"[bench] c={concurrency} {result['target']}: {result['sentences_per_s']:.1f} sentences/s"
-                      + (f" ({result['failed']} failed: {result['errors'][0]})" if result["failed"] else ""),
-                      flush=True)
-                results.append(result)
+            return runners
+
+        results = await run_interleaved(concurrency_levels, runners_for,
+                                        lambda result: f"{result['sentences_per_s']:.1f} sentences/s")
     return results
 
 
 def format_embeddings_table(results: list[dict[str, Any]]) -> str:
-    def fmt(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1f}"
-
-    lines = ["| concurrency | target | sentences/s | latency mean ms | p50 ms | p99 ms | failed |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    for r in sorted(results, key=lambda r: (r["concurrency"], r["target"])):
-        lines.append(f"| {r['concurrency']} | {r['target']} | {fmt(r['sentences_per_s'])} | "
-                     f"{fmt(r['latency_ms_mean'])} | {fmt(r['latency_ms_p50'])} | {fmt(r['latency_ms_p99'])} | "
-                     f"{r['failed']} |")
-    return "\n".join(lines)
+    return format_levels_table(results, [("sentences/s", "sentences_per_s")])

@@ -16,13 +16,13 @@ faster), requests/s, latency mean/p50/p99 (ms).
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
+from bench_levels import Runner, format_levels_table, latency_stats, run_interleaved
 
 
 @dataclass(frozen=True)
@@ -123,17 +123,10 @@ def run_in_process_level(transcribe: Callable[[list[Clip]], list[str]], workload
 
 def _summary(name: str, concurrency: int, audio_seconds: float, duration_s: float, latencies: list[float],
              errors: list[str]) -> dict[str, Any]:
-    ordered = sorted(latencies)
-
-    def pct(q: float) -> float | None:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else None
-
     return {"target": name, "concurrency": concurrency, "completed": len(latencies), "failed": len(errors),
             "errors": errors[:3], "duration_s": duration_s, "audio_seconds": audio_seconds,
             "real_time_factor": audio_seconds / duration_s if duration_s > 0 else 0.0,
-            "requests_per_s": len(latencies) / duration_s if duration_s > 0 else 0.0,
-            "latency_ms_mean": statistics.fmean(latencies) * 1000 if latencies else None,
-            "latency_ms_p50": pct(0.5), "latency_ms_p99": pct(0.99)}
+            "requests_per_s": len(latencies) / duration_s if duration_s > 0 else 0.0, **latency_stats(latencies)}
 
 
 async def run_speech_benchmark(targets: list[SpeechTarget], audio_paths: list[str], concurrency_levels: list[int],
@@ -142,7 +135,6 @@ async def run_speech_benchmark(targets: list[SpeechTarget], audio_paths: list[st
     clips = load_clips(audio_paths)
     workload = [clips[i % len(clips)] for i in range(num_requests)]
     transcribe = in_process_transcriber(in_process_dir) if in_process_dir else None
-    results: list[dict[str, Any]] = []
     connector = aiohttp.TCPConnector(limit=max(concurrency_levels) + 8)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
         models = {target.name: await _model_name(client, target.base_url) for target in targets}
@@ -151,30 +143,19 @@ async def run_speech_benchmark(targets: list[SpeechTarget], audio_paths: list[st
                 await run_http_level(client, target, models[target.name], clips[:2], 2)
             if transcribe is not None:
                 transcribe(clips[:1])
-        for level_index, concurrency in enumerate(concurrency_levels):
-            runners: list[Callable[[], Any]] = [
+
+        def runners_for(concurrency: int) -> list[Runner]:
+            runners: list[Runner] = [
                 (lambda t=target: run_http_level(client, t, models[t.name], workload, concurrency))
                 for target in targets]
             if transcribe is not None:
                 runners.append(lambda: asyncio.to_thread(run_in_process_level, transcribe, workload, concurrency))
-            shift = level_index % len(runners)
-            for runner in runners[shift:] + runners[:shift]:
-                result = await runner()
-                print(f"[bench] c={concurrency} {result['target']}: real-time factor "
-                      f"{result['real_time_factor']:.1f}" + (f" ({result['failed']} failed: {result['errors'][0]})"
-                                                            if result["failed"] else ""), flush=True)
-                results.append(result)
+            return runners
+
+        results = await run_interleaved(concurrency_levels, runners_for,
+                                        lambda result: f"real-time factor {result['real_time_factor']:.1f}")
     return results
 
 
 def format_speech_table(results: list[dict[str, Any]]) -> str:
-    def fmt(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1f}"
-
-    lines = ["| concurrency | target | real-time factor | requests/s | latency mean ms | p50 ms | p99 ms | failed |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(results, key=lambda r: (r["concurrency"], r["target"])):
-        lines.append(f"| {r['concurrency']} | {r['target']} | {fmt(r['real_time_factor'])} | "
-                     f"{r['requests_per_s']:.2f} | {fmt(r['latency_ms_mean'])} | {fmt(r['latency_ms_p50'])} | "
-                     f"{fmt(r['latency_ms_p99'])} | {r['failed']} |")
-    return "\n".join(lines)
+    return format_levels_table(results, [("real-time factor", "real_time_factor"), ("requests/s", "requests_per_s")])

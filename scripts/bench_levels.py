@@ -1,0 +1,51 @@
+"""What the embeddings and transcriptions benchmarks share: interleaved concurrency levels, latency percentiles and
+the markdown table."""
+from __future__ import annotations
+
+import statistics
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+Runner = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def latency_stats(latencies_s: list[float]) -> dict[str, float | None]:
+    """Mean, p50 and p99 in milliseconds (None without samples)."""
+    ordered = sorted(latencies_s)
+
+    def pct(q: float) -> float | None:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else None
+
+    return {"latency_ms_mean": statistics.fmean(ordered) * 1000 if ordered else None,
+            "latency_ms_p50": pct(0.5), "latency_ms_p99": pct(0.99)}
+
+
+async def run_interleaved(concurrency_levels: list[int], runners_for: Callable[[int], list[Runner]],
+                          headline: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """Each level's runners (one per target) one after another, the order rotated per level so machine noise is
+    shared fairly; a progress line per result."""
+    results = []
+    for level_index, concurrency in enumerate(concurrency_levels):
+        runners = runners_for(concurrency)
+        shift = level_index % len(runners)
+        for runner in runners[shift:] + runners[:shift]:
+            result = await runner()
+            failed = f" ({result['failed']} failed: {result['errors'][0]})" if result["failed"] else ""
+            print(f"[bench] c={concurrency} {result['target']}: {headline(result)}{failed}", flush=True)
+            results.append(result)
+    return results
+
+
+def format_levels_table(results: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """A markdown table: concurrency, target, then `columns` (header, result key), latencies, failures."""
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    keys = [key for _, key in columns] + ["latency_ms_mean", "latency_ms_p50", "latency_ms_p99"]
+    headers = [header for header, _ in columns] + ["latency mean ms", "p50 ms", "p99 ms"]
+    lines = ["| concurrency | target | " + " | ".join(headers) + " | failed |",
+             "|---:|---|" + "---:|" * len(headers) + "---:|"]
+    for r in sorted(results, key=lambda r: (r["concurrency"], r["target"])):
+        lines.append(f"| {r['concurrency']} | {r['target']} | " + " | ".join(fmt(r[key]) for key in keys)
+                     + f" | {r['failed']} |")
+    return "\n".join(lines)
