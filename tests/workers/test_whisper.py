@@ -284,3 +284,64 @@ def test_cross_attention_cache_reuses_slots_and_releases_when_empty() -> None:
     for slot in slots:
         cache.free(slot)
     assert cache.capacity == 0 and cache.keys == []
+
+
+# --------------------------------------------------------------------------- timestamp rules
+
+
+@pytest.mark.parametrize("max_initial", [50, None])
+def test_timestamp_rules_equal_transformers_processor(max_initial: int | None) -> None:
+    """EncoderDecoderRequests' timestamp rules, in one batch with a no-timestamp row, equal transformers'
+    WhisperTimeStampLogitsProcessor row by row on outputs of every shape (pairs, single timestamps, text, none)
+    and on logits where the timestamps' total probability sometimes beats every text token."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+    from transformers.generation.logits_process import WhisperTimeStampLogitsProcessor
+
+    from workers.encoder_decoder import EncoderDecoderRequests
+    from workers.sampler import make_sampling_state
+
+    vocab_size, begin = 51864, NO_TIMESTAMPS + 1
+    config = SimpleNamespace(suppress_tokens=[], begin_suppress_tokens=[], vocab_size=vocab_size, eos_token_id=EOS)
+    requests = EncoderDecoderRequests(None, config, torch.device("cpu"))  # type: ignore[arg-type]
+    requests.max_initial_timestamp_index = max_initial
+    assert (requests.no_timestamps_id, requests.timestamp_begin) == (NO_TIMESTAMPS, begin)
+    generation = GenerationConfig(no_timestamps_token_id=NO_TIMESTAMPS, eos_token_id=EOS,
+                                  max_initial_timestamp_index=max_initial)
+    rng = np.random.default_rng(0)
+    outputs = [[], [begin], [begin, 400], [begin, 400, begin + 30], [begin, 400, begin + 30, begin + 30],
+               [begin, 400, begin + 30, begin + 31, 7, 8], [begin + 5, 9, begin + 80, begin + 90, 11, begin + 120],
+               [3, 4], [3, begin + 10]]
+    for trial in range(4):
+        prompt = [START] if trial % 2 else [START_OF_PREV, 100, 200, START]
+        states = [make_sampling_state(GREEDY, prompt, list(output), EOS, "cpu") for output in outputs]
+        states.append(make_sampling_state(GREEDY, prompt + [NO_TIMESTAMPS], [begin], EOS, "cpu"))  # untouched
+        logits = torch.from_numpy(rng.normal(size=(len(states), vocab_size)).astype(np.float32))
+        logits[:, begin:] += torch.from_numpy(rng.uniform(-3, 6, size=(len(states), 1)).astype(np.float32))
+        before = logits.clone()
+        requests.suppress(logits, states)
+        assert torch.equal(logits[-1], before[-1])
+        processor = WhisperTimeStampLogitsProcessor(generation, begin_index=len(prompt))
+        for row, output in enumerate(outputs):
+            input_ids = torch.tensor([prompt + output])
+            assert torch.equal(logits[row], processor(input_ids, before[row:row + 1].clone())[0]), (trial, output)
+        forced = sum(bool(torch.isinf(logits[row, :begin]).all()) for row in range(len(outputs)))
+        assert 0 < forced < len(outputs)  # the total-probability rule fired on some rows, not on all
+
+
+def test_language_detection_decodes_without_timestamp_rules() -> None:
+    """A prompt without <|notimestamps|> that restricts allowed_token_ids (language detection) is left alone."""
+    from types import SimpleNamespace
+
+    from engine_core.protocol import SamplingParams
+    from workers.encoder_decoder import EncoderDecoderRequests
+    from workers.sampler import make_sampling_state
+
+    config = SimpleNamespace(suppress_tokens=[], begin_suppress_tokens=[], vocab_size=51865, eos_token_id=50257)
+    requests = EncoderDecoderRequests(None, config, torch.device("cpu"))  # type: ignore[arg-type]
+    assert requests.no_timestamps_id == 50363  # multilingual layout without a folder to read
+    detection = make_sampling_state(SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=[50259, 50260]),
+                                    [50258], [], 50257, "cpu")
+    transcription = make_sampling_state(GREEDY, [50258, 50259, 50359], [], 50257, "cpu")
+    assert not requests.wants_timestamps(detection) and requests.wants_timestamps(transcription)

@@ -200,3 +200,45 @@ def test_base_transcribes_and_translates_like_transformers() -> None:
     driver.generate(list(cases), NUM_NEW_TOKENS)
     for request_id in cases:
         assert until_eos(driver.requests[request_id].output_token_ids, eos) == expected[request_id]
+
+
+# --------------------------------------------------------------------------- timestamps
+
+
+def _timestamp_clips() -> dict[str, np.ndarray]:
+    clips = {name: clip(name) for name in ("english", "numbers")}
+    pause = np.zeros(8000, dtype=np.float32)  # ~8.6 s in all: segments closed by timestamp pairs
+    clips["joined"] = np.concatenate([clips["english"], pause, clips["numbers"], pause, clips["english"]])
+    return clips
+
+
+@needs_tiny_en
+@pytest.mark.parametrize("served", ["hf", "ctranslate2"])
+def test_tiny_en_timestamps_like_transformers(served: str) -> None:
+    """A prompt without <|notimestamps|> decodes with Whisper's timestamp rules: greedy tokens equal
+    generate(return_timestamps=True), alone and batched with a request that decodes without timestamps. The
+    converted copy's generation_config.json names no max_initial_timestamp_index (none applies, as in
+    transformers); the CTranslate2 folder gets openai/whisper's 1.0 s (the reference is told the same)."""
+    assert TINY_EN is not None
+    folder = converted(TINY_EN, "whisper-tiny-en-hf")
+    reference_model = load_hf(folder)
+    if served == "ctranslate2":
+        reference_model.generation_config.max_initial_timestamp_index = 50
+    clips = _timestamp_clips()
+    expected = {name: hf_greedy(reference_model, samples, 120, return_timestamps=True) + [50256]
+                for name, samples in clips.items()}
+    plain = until_eos(hf_greedy(reference_model, clips["numbers"], 120) + [50256])
+    assert expected["english"][0] == 50363 and expected["english"][-2] > 50363  # <|0.00|> ... <|t|> <|endoftext|>
+    assert any(a > 50363 and b > 50363 for a, b in zip(expected["joined"], expected["joined"][1:]))  # a pair
+    driver = speech_driver(str(folder if served == "hf" else TINY_EN))
+    for name in ("english", "numbers"):  # alone
+        driver.add_speech(f"alone-{name}", clips[name], [50257])  # <|startoftranscript|>: timestamps
+        driver.generate([f"alone-{name}"], 120)
+        assert until_eos(driver.requests[f"alone-{name}"].output_token_ids) == expected[name]
+    for name, samples in clips.items():  # batched, next to a request without timestamps
+        driver.add_speech(name, samples, [50257])
+    driver.add_speech("plain", clips["numbers"], [50257, 50362])
+    driver.generate([*clips, "plain"], 120)
+    for name in clips:
+        assert until_eos(driver.requests[name].output_token_ids) == expected[name], name
+    assert until_eos(driver.requests["plain"].output_token_ids) == plain
