@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
+from typing import TypeVar
 
 from fastapi import Depends, Request
 
@@ -21,14 +23,21 @@ def get_engine_client(state: FrontendState = Depends(get_state)) -> EngineClient
     return state.engine
 
 
-def get_completion_serving(request: Request) -> CompletionServing:
-    serving: CompletionServing = request.app.state.completion_serving
-    return serving
+_Serving = TypeVar("_Serving")
 
 
-def get_chat_serving(request: Request) -> ChatServing:
-    serving: ChatServing = request.app.state.chat_serving
-    return serving
+def app_state_getter(name: str, kind: type[_Serving]) -> Callable[[Request], _Serving]:
+    """A dependency returning `app.state.<name>` (set by create_app), checked to be a `kind`."""
+    def get(request: Request) -> _Serving:
+        value = getattr(request.app.state, name)
+        assert isinstance(value, kind), (name, type(value))
+        return value
+
+    return get
+
+
+get_completion_serving = app_state_getter("completion_serving", CompletionServing)
+get_chat_serving = app_state_getter("chat_serving", ChatServing)
 
 
 def verify_api_key(request: Request, state: FrontendState = Depends(get_state)) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import Response
 
+from frontend.dependencies import app_state_getter
 from frontend.realtime import RealtimeSession
 from frontend.serving_transcription import SpeechServing
 
@@ -16,9 +17,7 @@ v1_router = APIRouter()
 websocket_router = APIRouter()
 
 
-def get_speech_serving(request: Request) -> SpeechServing:
-    serving: SpeechServing = request.app.state.speech_serving
-    return serving
+get_speech_serving = app_state_getter("speech_serving", SpeechServing)
 
 
 @v1_router.post("/v1/audio/transcriptions")

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import Response
 
+from frontend.dependencies import app_state_getter
 from frontend.pooling_protocol import (ClassificationChatRequest, ClassificationCompletionRequest,
                                        EmbeddingChatRequest, EmbeddingCompletionRequest, PoolingChatRequest,
                                        PoolingCompletionRequest, RerankRequest, ScoreRequest, parse_pooling_request)
@@ -20,19 +21,9 @@ v1_router = APIRouter()
 router = APIRouter()
 
 
-def get_embedding_serving(request: Request) -> EmbeddingServing:
-    serving: EmbeddingServing = request.app.state.embedding_serving
-    return serving
-
-
-def get_classification_serving(request: Request) -> ClassificationServing:
-    serving: ClassificationServing = request.app.state.classification_serving
-    return serving
-
-
-def get_score_serving(request: Request) -> ScoreServing:
-    serving: ScoreServing = request.app.state.score_serving
-    return serving
+get_embedding_serving = app_state_getter("embedding_serving", EmbeddingServing)
+get_classification_serving = app_state_getter("classification_serving", ClassificationServing)
+get_score_serving = app_state_getter("score_serving", ScoreServing)
 
 
 @v1_router.post("/v1/embeddings")
