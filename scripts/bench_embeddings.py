@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import aiohttp
-from bench_levels import Runner, format_levels_table, latency_stats, run_interleaved
+from bench_levels import (HttpTarget, Runner, format_levels_table, latency_stats, run_interleaved,
+                          served_model_name)
 
 _WORDS = ("the a man woman child dog cat bird car train city river mountain house garden kitchen table book "
           "letter music song film game team player doctor teacher student market price water coffee bread food "
@@ -30,12 +30,6 @@ _WORDS = ("the a man woman child dog cat bird car train city river mountain hous
           "quickly slowly quietly happily early late today yesterday tomorrow near far under over inside "
           "outside with without before after because while red blue green small large old new bright dark "
           "warm cold busy empty famous local").split()
-
-
-@dataclass(frozen=True)
-class EmbeddingTarget:
-    name: str
-    base_url: str
 
 
 def make_sentences(count: int, seed: int) -> list[str]:
@@ -47,14 +41,8 @@ def make_sentences(count: int, seed: int) -> list[str]:
     return sentences
 
 
-async def _model_name(client: aiohttp.ClientSession, base_url: str) -> str:
-    async with client.get(f"{base_url}/v1/models") as response:
-        response.raise_for_status()
-        return str((await response.json())["data"][0]["id"])
-
-
-async def run_http_level(client: aiohttp.ClientSession, target: EmbeddingTarget, model: str, sentences: list[str],
-                         concurrency: int) -> dict[str, Any]:
+async def run_http_level(client: aiohttp.ClientSession, target: HttpTarget, model: str,
+                         sentences: list[str], concurrency: int) -> dict[str, Any]:
     queue = list(reversed(sentences))
     latencies: list[float] = []
     errors: list[str] = []
@@ -127,7 +115,7 @@ def _summary(name: str, concurrency: int, completed: int, duration_s: float, lat
             "sentences_per_s": completed / duration_s if duration_s > 0 else 0.0, **latency_stats(latencies)}
 
 
-async def run_embeddings_benchmark(targets: list[EmbeddingTarget], concurrency_levels: list[int],
+async def run_embeddings_benchmark(targets: list[HttpTarget], concurrency_levels: list[int],
                                    num_sentences: int, seed: int, in_process_dir: str | None,
                                    warmup: bool = True, timeout_s: float = 600.0) -> list[dict[str, Any]]:
     sentences = make_sentences(num_sentences, seed)
@@ -136,7 +124,7 @@ async def run_embeddings_benchmark(targets: list[EmbeddingTarget], concurrency_l
     # on a 2-core machine.
     connector = aiohttp.TCPConnector(limit=max(concurrency_levels) + 8)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
-        models = {target.name: await _model_name(client, target.base_url) for target in targets}
+        models = {target.name: await served_model_name(client, target.base_url) for target in targets}
         if warmup:
             for target in targets:
                 await run_http_level(client, target, models[target.name], sentences[:8], 4)

@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+
 Runner = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class HttpTarget:
+    name: str
+    base_url: str  # without the trailing /v1
+
+
+async def served_model_name(client: aiohttp.ClientSession, base_url: str) -> str:
+    """The first model a server lists on /v1/models: what its requests name."""
+    async with client.get(f"{base_url}/v1/models") as response:
+        response.raise_for_status()
+        return str((await response.json())["data"][0]["id"])
 
 
 def latency_stats(latencies_s: list[float]) -> dict[str, float | None]:

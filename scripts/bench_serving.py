@@ -458,9 +458,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main_embeddings(args: argparse.Namespace, started_at: str) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_embeddings import EmbeddingTarget, format_embeddings_table, run_embeddings_benchmark
+    from bench_embeddings import format_embeddings_table, run_embeddings_benchmark
+    from bench_levels import HttpTarget
 
-    targets = [EmbeddingTarget(t.name, t.base_url) for t in args.target]
+    targets = [HttpTarget(t.name, t.base_url) for t in args.target]
     results = asyncio.run(run_embeddings_benchmark(targets, args.concurrency, args.num_sentences, args.seed,
                                                    args.in_process, warmup=not args.no_warmup,
                                                    timeout_s=args.request_timeout))
@@ -470,11 +471,12 @@ def _main_embeddings(args: argparse.Namespace, started_at: str) -> int:
 
 def _main_transcriptions(args: argparse.Namespace, started_at: str) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_speech import SpeechTarget, format_speech_table, run_speech_benchmark
+    from bench_levels import HttpTarget
+    from bench_speech import format_speech_table, run_speech_benchmark
 
     if not args.audio:
         raise SystemExit("--mode transcriptions needs --audio FILE...")
-    targets = [SpeechTarget(t.name, t.base_url) for t in args.target]
+    targets = [HttpTarget(t.name, t.base_url) for t in args.target]
     results = asyncio.run(run_speech_benchmark(targets, args.audio, args.concurrency, args.num_requests,
                                                args.in_process, warmup=not args.no_warmup,
                                                timeout_s=args.request_timeout))

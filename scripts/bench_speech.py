@@ -22,13 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
-from bench_levels import Runner, format_levels_table, latency_stats, run_interleaved
-
-
-@dataclass(frozen=True)
-class SpeechTarget:
-    name: str
-    base_url: str
+from bench_levels import (HttpTarget, Runner, format_levels_table, latency_stats, run_interleaved,
+                          served_model_name)
 
 
 @dataclass(frozen=True)
@@ -53,14 +48,8 @@ def load_clips(paths: list[str]) -> list[Clip]:
     return clips
 
 
-async def _model_name(client: aiohttp.ClientSession, base_url: str) -> str:
-    async with client.get(f"{base_url}/v1/models") as response:
-        response.raise_for_status()
-        return str((await response.json())["data"][0]["id"])
-
-
-async def run_http_level(client: aiohttp.ClientSession, target: SpeechTarget, model: str, workload: list[Clip],
-                         concurrency: int) -> dict[str, Any]:
+async def run_http_level(client: aiohttp.ClientSession, target: HttpTarget, model: str,
+                         workload: list[Clip], concurrency: int) -> dict[str, Any]:
     queue = list(reversed(workload))
     latencies: list[float] = []
     errors: list[str] = []
@@ -129,7 +118,7 @@ def _summary(name: str, concurrency: int, audio_seconds: float, duration_s: floa
             "requests_per_s": len(latencies) / duration_s if duration_s > 0 else 0.0, **latency_stats(latencies)}
 
 
-async def run_speech_benchmark(targets: list[SpeechTarget], audio_paths: list[str], concurrency_levels: list[int],
+async def run_speech_benchmark(targets: list[HttpTarget], audio_paths: list[str], concurrency_levels: list[int],
                                num_requests: int, in_process_dir: str | None, warmup: bool = True,
                                timeout_s: float = 600.0) -> list[dict[str, Any]]:
     clips = load_clips(audio_paths)
@@ -137,7 +126,7 @@ async def run_speech_benchmark(targets: list[SpeechTarget], audio_paths: list[st
     transcribe = in_process_transcriber(in_process_dir) if in_process_dir else None
     connector = aiohttp.TCPConnector(limit=max(concurrency_levels) + 8)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
-        models = {target.name: await _model_name(client, target.base_url) for target in targets}
+        models = {target.name: await served_model_name(client, target.base_url) for target in targets}
         if warmup:
             for target in targets:
                 await run_http_level(client, target, models[target.name], clips[:2], 2)
