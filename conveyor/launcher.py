@@ -24,7 +24,7 @@ logger = logging.getLogger("conveyor.launcher")
 
 def serve(args: argparse.Namespace) -> int:
     """`conveyor serve`: the engine core(s) this host runs and, unless --headless, the frontends."""
-    from conveyor.cli import engine_config_from_args, frontend_config_from_args
+    from conveyor.config_from_args import engine_config_from_args, frontend_config_from_args
     from conveyor.data_parallel import plan_data_parallel
     from engine_core.core import run_engine_core
 
@@ -66,7 +66,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def run_frontends(args: argparse.Namespace) -> int:
     """`conveyor frontend`: stateless API servers for an engine that runs elsewhere."""
-    from conveyor.cli import frontend_config_from_args
+    from conveyor.config_from_args import frontend_config_from_args
     from frontend.engine_handshake import random_client_index
 
     configure_logging("launcher")

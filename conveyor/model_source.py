@@ -105,7 +105,7 @@ def _folder_facts(folder: str) -> _CheckpointFacts:
     config_path = Path(folder) / "config.json"
     if not config_path.exists():
         raise ModelNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    from workers.ctranslate2 import is_ctranslate2_folder, read_whisper_config  # numpy only: no torch here
+    from workers.loading.ctranslate2 import is_ctranslate2_folder, read_whisper_config  # numpy only: no torch here
 
     if is_ctranslate2_folder(folder):
 

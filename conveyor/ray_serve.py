@@ -123,7 +123,7 @@ def engine_argv(args: dict[str, Any]) -> list[str]:
 
 def parse_serve_flags(argv: list[str]) -> argparse.Namespace:
     """`conveyor serve ARGV` parsed by the real command line (ValueError instead of exiting)."""
-    from conveyor.cli import build_parser
+    from conveyor.flags import build_parser
 
     try:
         return build_parser().parse_args(["serve", *argv])
@@ -132,7 +132,7 @@ def parse_serve_flags(argv: list[str]) -> argparse.Namespace:
 
 
 def _serve_parser() -> argparse.ArgumentParser:
-    from conveyor.cli import build_parser
+    from conveyor.flags import build_parser
 
     for action in build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -164,7 +164,7 @@ class ConveyorDeployment:
     """One replica: a Conveyor engine (core process + workers) and Conveyor's FastAPI app in front of it."""
 
     async def __init__(self, argv: list[str]) -> None:  # type: ignore[misc]  # Serve awaits it
-        from conveyor.cli import engine_config_from_args, frontend_config_from_args
+        from conveyor.config_from_args import engine_config_from_args, frontend_config_from_args
         from conveyor.data_parallel import plan_data_parallel
         from engine_core.core import run_engine_core
 

@@ -165,7 +165,7 @@ class FrontendConfig:
     api_server_count: int = 1
     uvicorn_log_level: str = "warning"
     enable_auto_tool_choice: bool = False  # tool_choice "auto" parses calls out of the output (needs a parser)
-    tool_call_parser: str | None = None  # --tool-call-parser: a name registered in frontend.tool_parsers
+    tool_call_parser: str | None = None  # --tool-call-parser: a name registered in frontend.generate.tool_parsers
     exclude_tools_when_tool_choice_none: bool = False  # tool_choice "none": keep tools out of the chat template
     trust_request_chat_template: bool = False  # accept a request's own `chat_template` (vLLM refuses it by default)
 

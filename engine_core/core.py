@@ -22,14 +22,15 @@ import msgspec
 import zmq
 
 from engine_core.config import EngineConfig
-from engine_core.executor import EngineDeadError, Executor
+from engine_core.executor import Executor
 from engine_core.kv_transfer import KVConnectorScheduler
-from engine_core.process_utils import configure_logging, become_child_process
 from engine_core.model_info import describe_model
-from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutput, EngineCoreOutputs,
-                                  EngineCoreRequest, EngineInfo, EngineRegistration, FrontendMessage,
-                                  SchedulerStats, frontend_message_decoder, frontend_message_encoder)
+from engine_core.process_utils import become_child_process, configure_logging
+from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest,
+                                  EngineInfo, EngineRegistration, FrontendMessage, SchedulerStats,
+                                  frontend_message_decoder, frontend_message_encoder)
 from engine_core.scheduler import Scheduler
+from engine_core.worker_group import EngineDeadError
 
 logger = logging.getLogger("conveyor.core")
 

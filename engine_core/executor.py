@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 import zmq
@@ -19,41 +19,12 @@ from engine_core.config import EngineConfig
 from engine_core.process_utils import free_tcp_port, new_ipc_address
 from engine_core.protocol import (InitializeCache, KVConnectorOutput, ModelRunnerOutput, SchedulerOutput, Shutdown,
                                   WorkerFailure, WorkerReady, worker_to_core_decoder)
+from engine_core.worker_group import EngineDeadError, WorkerGroup
 from workers.worker import WorkerAddresses, run_worker
 
 logger = logging.getLogger("conveyor.executor")
 
 _POLL_MS = 200
-
-
-class EngineDeadError(RuntimeError):
-    """A worker died or failed; the engine cannot go on."""
-
-
-class WorkerGroup(Protocol):
-    """Where the ranks run: local processes (`ProcessWorkers`, `--distributed-executor-backend mp`) or Ray actors
-    (`engine_core.ray_workers.RayWorkers`, `ray`). Either way each rank runs `run_worker`, so the ZeroMQ step
-    protocol is the same."""
-
-    def bind(self, socket: zmq.Socket[bytes], name: str) -> str:
-        """Bind `socket` where every rank can reach it; return the address the ranks connect to."""
-        ...
-
-    def distributed_init_method(self, port: int) -> str:
-        """torch.distributed's init_method (rank 0 listens there); `port` 0 = pick a free one."""
-        ...
-
-    def start(self, rank: int, worker_args: tuple[Any, ...]) -> None:
-        """Run `run_worker(*worker_args)` as rank `rank`."""
-        ...
-
-    def dead(self) -> list[str]:
-        """One description per rank that is no longer running (empty while all are)."""
-        ...
-
-    def stop(self, timeout_s: float) -> None:
-        """Give the ranks `timeout_s` to exit (after `Shutdown`), then kill what is left and free resources."""
-        ...
 
 
 class ProcessWorkers:

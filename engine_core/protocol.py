@@ -64,7 +64,7 @@ class SamplingParams(msgspec.Struct, **_WIRE):
     bad_words_token_ids: list[list[int]] = []  # token sequences that must never be completed
     structured_output: Union[StructuredOutputSpec, None] = None
     repetition_detection: Union[RepetitionDetection, None] = None
-    logits_processors: list[str] = []  # names registered with workers.logits_processors (vllm_xargs selects)
+    logits_processors: list[str] = []  # names registered with workers.sampling.logits_processors (vllm_xargs selects)
     logits_processor_args: Union[dict[str, Any], None] = None  # vllm_xargs, passed to those processors
 
 
@@ -383,7 +383,7 @@ class WorkerReady(msgspec.Struct, tag="ready", **_WIRE):
     rank: int
     num_blocks: int  # how many KV blocks this rank can hold; the core takes the minimum over ranks
     device: str
-    logits_processors: list[str] = []  # names registered in workers.logits_processors (frontends validate against)
+    logits_processors: list[str] = []  # names registered in workers.sampling.logits_processors (frontends validate against)
 
 
 class ModelRunnerOutput(msgspec.Struct, tag="result", **_WIRE):

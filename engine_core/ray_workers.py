@@ -29,6 +29,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine_core.config import ParallelConfig
+from engine_core.worker_group import EngineDeadError
 from workers.worker import run_worker
 
 logger = logging.getLogger("conveyor.ray")
@@ -117,8 +118,6 @@ class RayWorkers:
 
     def _wait_for_placement_group(self, bundle: dict[str, float], count: int, strategy: str,
                                   timeout_s: float) -> None:
-        from engine_core.executor import EngineDeadError
-
         started = time.monotonic()
         while True:
             ready, _ = ray.wait([self._placement_group.ready()], timeout=_PROGRESS_LOG_INTERVAL_S)

@@ -1,6 +1,6 @@
 """What a `StructuredOutputSpec` means: its llguidance grammar. Torch-free: the frontend compiles each spec here to
 reject bad ones with a 400 before anything reaches the engine, and rank 0's worker builds its matchers from the
-same grammar (workers/structured_output.py).
+same grammar (workers/sampling/structured_output.py).
 
 llguidance (Rust, no torch) turns JSON schemas, regexes, Lark/GBNF grammars and structural tags into one grammar
 format and computes token masks in tens of microseconds on a 49k vocabulary.

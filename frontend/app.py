@@ -15,14 +15,18 @@ from engine_core.config import FrontendConfig, ModelConfig
 from frontend.dependencies import verify_api_key
 from frontend.engine_client import EngineClient
 from frontend.errors import install_error_handlers
-from frontend.routers import audio, chat, completions, metrics, models, pooling, responses, tokenize
-from frontend.serving_chat import ChatServing
-from frontend.serving_classification import ClassificationServing
-from frontend.serving_completion import CompletionServing
-from frontend.serving_embedding import EmbeddingServing
-from frontend.serving_responses import ResponsesServing
-from frontend.serving_score import ScoreServing
-from frontend.serving_transcription import SpeechServing
+from frontend.generate import router as generate_router
+from frontend.generate.chat import ChatServing
+from frontend.generate.completion import CompletionServing
+from frontend.generate.responses import router as responses_router
+from frontend.generate.responses.serving import ResponsesServing
+from frontend.pooling import router as pooling_router
+from frontend.pooling.classification import ClassificationServing
+from frontend.pooling.embedding import EmbeddingServing
+from frontend.pooling.score import ScoreServing
+from frontend.routes import metrics, models, tokenize
+from frontend.speech import router as speech_router
+from frontend.speech.transcription import SpeechServing
 from frontend.state import FrontendState
 
 logger = logging.getLogger("conveyor.frontend")
@@ -52,15 +56,14 @@ def create_app(model_config: ModelConfig, frontend_config: FrontendConfig, engin
     install_error_handlers(app)
     protected = [Depends(verify_api_key)]
     app.include_router(models.v1_router, dependencies=protected)
-    app.include_router(completions.v1_router, dependencies=protected)
-    app.include_router(chat.v1_router, dependencies=protected)
-    app.include_router(responses.v1_router, dependencies=protected)
-    app.include_router(pooling.v1_router, dependencies=protected)  # also /v2/rerank
-    app.include_router(audio.v1_router, dependencies=protected)
-    app.include_router(audio.websocket_router)  # checks the API key itself
+    app.include_router(generate_router.v1_router, dependencies=protected)
+    app.include_router(responses_router.v1_router, dependencies=protected)
+    app.include_router(pooling_router.v1_router, dependencies=protected)  # also /v2/rerank
+    app.include_router(speech_router.v1_router, dependencies=protected)
+    app.include_router(speech_router.websocket_router)  # checks the API key itself
     app.include_router(models.router)
     app.include_router(tokenize.router)
-    app.include_router(pooling.router)
+    app.include_router(pooling_router.router)
     app.include_router(metrics.router)
     if state.api_key is not None:
         logger.info("API key required on /v1 and /v2 routes")

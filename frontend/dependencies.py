@@ -9,8 +9,6 @@ from fastapi import Depends, Request
 
 from frontend.engine_client import EngineClient
 from frontend.errors import AuthenticationError
-from frontend.serving_chat import ChatServing
-from frontend.serving_completion import CompletionServing
 from frontend.state import FrontendState
 
 
@@ -35,9 +33,6 @@ def app_state_getter(name: str, kind: type[_Serving]) -> Callable[[Request], _Se
 
     return get
 
-
-get_completion_serving = app_state_getter("completion_serving", CompletionServing)
-get_chat_serving = app_state_getter("chat_serving", ChatServing)
 
 
 def verify_api_key(request: Request, state: FrontendState = Depends(get_state)) -> None:

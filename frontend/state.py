@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +12,10 @@ from engine_core.config import FrontendConfig, ModelConfig
 from frontend.chat_template import ChatTemplate, load_chat_template, load_score_template
 from frontend.engine_client import EngineClient
 from frontend.errors import BadRequestError, EngineDeadError, NotFoundError
+from frontend.generation_config import EosConfig, load_generation_defaults
 from frontend.metrics import FrontendMetrics
-from frontend.sampling import EosConfig, load_generation_defaults, resolve_api_key
+from frontend.speech.whisper import WhisperVocab, is_whisper
 from frontend.tokenizer import TokenizerInfo
-from frontend.whisper import WhisperVocab, is_whisper
 
 logger = logging.getLogger("conveyor.frontend")
 
@@ -97,3 +98,7 @@ def _load_speech_vocab(model_config: ModelConfig, tokenizer: TokenizerInfo) -> W
     logger.info("speech model: %s, decoder prompt starts %s", "multilingual" if vocab.multilingual else "English-only",
                 vocab.decoder_prompt("transcribe", "en", []))
     return vocab
+
+
+def resolve_api_key(configured: str | None) -> str | None:
+    return configured or os.environ.get("VLLM_API_KEY") or None

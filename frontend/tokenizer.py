@@ -15,6 +15,8 @@ from typing import Any
 
 from tokenizers import Encoding, Tokenizer
 
+from frontend.errors import BadRequestError
+
 logger = logging.getLogger("conveyor.frontend")
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -161,3 +163,10 @@ def _truncate_longest_first(first: Encoding, second: Encoding | None, budget: in
     keep_first, keep_second = (long, short) if swap else (short, long)
     first.truncate(keep_first, direction=side)
     second.truncate(keep_second, direction=side)
+
+
+def check_token_ids(token_ids: list[int], tokenizer: TokenizerInfo, param: str) -> None:
+    for token_id in token_ids:
+        if not tokenizer.is_valid_id(token_id):
+            raise BadRequestError(f"invalid value for '{param}': token id {token_id} is out of vocabulary "
+                                  f"(size {tokenizer.vocab_size})", param=param)

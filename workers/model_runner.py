@@ -12,13 +12,13 @@ core sends them back as the next step's `new_token_ids`. They are appended to th
 `output_token_ids` at once, which penalties read.
 
 A pooling request (`NewRequestData.pooling_params`) never samples: rank 0 keeps the hidden rows of its prefill
-chunks, and the step whose slice reaches the end of its prompt pools them (`workers.pooler`) into
+chunks, and the step whose slice reaches the end of its prompt pools them (`workers.layers.pooler`) into
 `ModelRunnerOutput.pooling_outputs`. Encoders (`uses_kv_cache` False) keep no KV cache: each prompt runs whole in
 one step, and the block count is bookkeeping for the scheduler only.
 
 An encoder-decoder speech model (Whisper, `is_encoder_decoder`) gets its request's audio with `NewRequestData.audio`:
 the request's first scheduled step runs the encoder on it and keeps the cross-attention K/V until the request
-finishes or is preempted (`workers.encoder_decoder`); the prompt tokens are the decoder's. Its sampling applies
+finishes or is preempted (`workers.encoder_decoder.requests`); the prompt tokens are the decoder's. Its sampling applies
 Whisper's suppress lists first, and its timestamp rules to requests whose prompt lacks <|notimestamps|>.
 """
 from __future__ import annotations
@@ -32,18 +32,19 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from engine_core.config import CacheConfig, ModelConfig, PoolerConfig
-from engine_core.protocol import (KVConnectorOutput, ModelRunnerOutput, NewRequestData, PoolingOutput,
-                                  PoolingParams, SchedulerOutput, TokenLogprobs)
+from engine_core.protocol import (KVConnectorOutput, ModelRunnerOutput, NewRequestData, PoolingOutput, PoolingParams,
+                                  SchedulerOutput, TokenLogprobs)
 from workers.attention import AttentionMetadata, build_attention_metadata
-from workers.encoder_decoder import EncoderDecoderRequests
+from workers.encoder_decoder.requests import EncoderDecoderRequests
 from workers.kv_cache_alloc import allocate_kv_caches, kv_cache_bytes_per_block
 from workers.kv_connector.base import KVConnectorWorker
-from workers.loader import load_hf_config
+from workers.layers.pooler import PoolingError, pool
+from workers.loading.loader import load_hf_config
 from workers.models import PoolingModel, build_model
-from workers.pooler import PoolingError, pool
-from workers.prompt_logprobs import PromptLogprobsPlan, compute_prompt_logprobs, wants_prompt_logprobs
-from workers.sampler import RequestSamplingState, Sampler, make_sampling_state
-from workers.structured_output import StepMasks, StructuredOutputs
+from workers.sampling.prompt_logprobs import PromptLogprobsPlan, compute_prompt_logprobs, wants_prompt_logprobs
+from workers.sampling.sampler import Sampler
+from workers.sampling.state import RequestSamplingState, make_sampling_state
+from workers.sampling.structured_output import StepMasks, StructuredOutputs
 
 if TYPE_CHECKING:
     from workers.models.whisper import WhisperForConditionalGeneration

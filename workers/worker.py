@@ -17,7 +17,7 @@ import msgspec
 import zmq
 
 from engine_core.config import CacheConfig, ModelConfig, ParallelConfig
-from engine_core.process_utils import configure_logging, become_child_process
+from engine_core.process_utils import become_child_process, configure_logging
 from engine_core.protocol import (InitializeCache, ModelRunnerOutput, SchedulerOutput, Shutdown, WorkerFailure,
                                   WorkerReady, core_to_worker_decoder)
 
@@ -56,7 +56,7 @@ def run_worker(model_config: ModelConfig, cache_config: CacheConfig, parallel_co
     try:
         runner = _start_runner(model_config, cache_config, parallel_config, rank, addresses,
                                rank if local_device_index is None else local_device_index)
-        from workers.logits_processors import registered_names
+        from workers.sampling.logits_processors import registered_names
 
         results.send(encoder.encode(WorkerReady(rank=rank, num_blocks=runner.determine_num_blocks(),
                                                 device=str(runner.device), logits_processors=registered_names())))
@@ -85,8 +85,8 @@ def _start_runner(model_config: ModelConfig, cache_config: CacheConfig, parallel
                   rank: int, addresses: WorkerAddresses, device_index: int) -> ModelRunner:
     import torch
 
-    from workers.logits_processors import load_plugins
     from workers.model_runner import ModelRunner
+    from workers.sampling.logits_processors import load_plugins
 
     load_plugins()  # CONVEYOR_LOGITS_PROCESSORS modules and conveyor.logits_processors entry points
     if parallel_config.num_threads:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.cli import build_parser, engine_config_from_args
+from conveyor.config_from_args import engine_config_from_args
+from conveyor.flags import build_parser
 from conveyor.serving_mode import resolve_serving_mode
 from engine_core.config import EngineConfig
 

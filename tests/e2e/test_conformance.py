@@ -20,7 +20,7 @@ import openai
 import pytest
 from pydantic import ValidationError
 
-from frontend.responses_store import STORE_ENV
+from frontend.generate.responses.store import STORE_ENV
 from tests.conformance_validation import (Recorder, validate_chat_chunk, validate_completion,
                                           validate_completion_chunk, validate_error)
 from tests.server_harness import ConveyorServer

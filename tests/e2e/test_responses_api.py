@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai.types.responses import Response
 
-from frontend.responses_store import STORE_ENV
+from frontend.generate.responses.store import STORE_ENV
 from tests.responses_validation import check_event_sequence, parse_sse, validate_response
 from tests.server_harness import ConveyorServer
 

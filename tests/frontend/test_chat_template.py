@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from frontend.chat_template import ChatTemplate, ChatTemplateError, detect_content_format, load_chat_template
+from frontend.generate.chat_prompt import message_for_template
 from frontend.protocol import ChatMessage
-from frontend.serving_chat import message_for_template
 from tests.frontend.conftest import model_config
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": None, "pad_token": None}

@@ -178,7 +178,7 @@ def kv_config(argv: list[str]) -> dict[str, Any]:
 
 def assert_conveyor_accepts(argv: list[str]) -> None:
     """The printed `python -m conveyor serve ...` parses with the real command line (flags, kv config JSON)."""
-    from conveyor.cli import build_parser
+    from conveyor.flags import build_parser
 
     assert argv[1:4] == ["-m", "conveyor", "serve"]
     args = build_parser().parse_args(argv[3:])

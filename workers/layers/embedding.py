@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from workers.layers import cpu_gemm
+import workers.layers.cpu_gemm as cpu_gemm
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from workers.layers import cpu_gemm
+import workers.layers.cpu_gemm as cpu_gemm
 
 
 def divide(numerator: int, denominator: int) -> int:

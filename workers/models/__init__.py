@@ -70,7 +70,7 @@ class CausalLM(Protocol):
 
 class PoolingModel(Protocol):
     """A model served with `--runner pooling`. Its forward returns the final hidden states (after the final norm);
-    `workers.pooler` turns a prompt's rows into the answer."""
+    `workers.layers.pooler` turns a prompt's rows into the answer."""
 
     num_layers: int
     num_kv_heads: int  # this rank's share
@@ -130,7 +130,7 @@ def build_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: tor
     """Construct the model for `hf_config.architectures[0]` (a `CausalLM`, or also a `PoolingModel` when `runner`
     is "pooling") directly on `device` in `dtype` and load this rank's shard of the weights at `model_path` (Hugging
     Face folder or .gguf file)."""
-    from workers.loader import iterate_weights
+    from workers.loading.loader import iterate_weights
 
     module_name, class_name = model_class_name(hf_config, runner, convert)
     model_class = getattr(importlib.import_module(f"workers.models.{module_name}"), class_name)

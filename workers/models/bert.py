@@ -28,7 +28,7 @@ from torch import nn
 
 from workers.attention import AttentionMetadata
 from workers.layers import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from workers.models.weights import load_hf_weights, raise_if_missing
+from workers.loading.weights import load_hf_weights, raise_if_missing
 
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -19,18 +19,9 @@ import torch
 from torch import nn
 
 from workers.attention import Attention, AttentionMetadata
-from workers.layers import (
-    MergedColumnParallelLinear,
-    ParallelLMHead,
-    QKVParallelLinear,
-    RMSNorm,
-    RotaryEmbedding,
-    RowParallelLinear,
-    SiluAndMul,
-    VocabParallelEmbedding,
-    get_rope,
-)
-from workers.models.weights import load_hf_weights, raise_if_missing
+from workers.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm, RotaryEmbedding,
+                            RowParallelLinear, SiluAndMul, VocabParallelEmbedding, get_rope)
+from workers.loading.weights import load_hf_weights, raise_if_missing
 
 logger = logging.getLogger(__name__)
 

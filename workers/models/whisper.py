@@ -33,7 +33,7 @@ from workers.attention import Attention, AttentionMetadata
 from workers.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                             VocabParallelEmbedding)
 from workers.layers.linear import ColumnParallelLinear
-from workers.models.weights import load_hf_weights, raise_if_missing
+from workers.loading.weights import load_hf_weights, raise_if_missing
 
 
 # (fused parameter module, checkpoint module, shard id); the first match wins.

@@ -1,0 +1,98 @@
+"""Parsed flags -> the frozen configs each process takes (`EngineConfig`, `FrontendConfig`); reads the model
+folder to fill in what the flags leave to it."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from engine_core.config import (CacheConfig, EngineConfig, FrontendConfig, ParallelConfig, SchedulerConfig,
+                                parse_byte_size, parse_json_object)
+
+
+def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
+    from frontend.generate.tool_parsers import tool_parser_names  # pure Python, no torch
+
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                         f"{', '.join(tool_parser_names())})")
+    if args.tool_call_parser is not None and args.tool_call_parser not in tool_parser_names():
+        raise SystemExit(f"--tool-call-parser {args.tool_call_parser!r} is not one of "
+                         f"{', '.join(tool_parser_names())}")
+    return FrontendConfig(host=args.host, port=args.port, api_key=args.api_key,
+                          api_server_count=args.api_server_count, uvicorn_log_level=args.uvicorn_log_level,
+                          enable_auto_tool_choice=args.enable_auto_tool_choice,
+                          tool_call_parser=args.tool_call_parser,
+                          exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+                          trust_request_chat_template=args.trust_request_chat_template)
+
+
+def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tuple[EngineConfig, FrontendConfig]:
+    import importlib.util
+
+    from conveyor.model_source import resolve_model_config
+    from conveyor.serving_mode import ENCODER_DECODER_ARCHITECTURES
+
+    if args.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise SystemExit("--distributed-executor-backend ray needs Ray: pip install 'ray[serve]==2.60.0' "
+                         "(the project's [ray] extra; `make install` includes it)")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if _cuda_visible() else "cpu"
+    runner, convert = _runner_and_convert(args)
+    try:
+        model, mode = resolve_model_config(
+            args.model or args.model_flag, served_model_name=(args.served_model_name or [None])[0],
+            tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+            generation_config=args.generation_config, chat_template=args.chat_template, device=device,
+            runner=runner, convert=convert,
+            pooler_overrides=(parse_json_object(args.pooler_config, "--pooler-config")
+                              if args.pooler_config else None),
+            score_template=args.score_template)
+    except ValueError as exc:
+        raise SystemExit(f"conveyor serve: {exc}") from None
+    chunked_prefill, prefix_caching = args.enable_chunked_prefill, args.enable_prefix_caching
+    max_batched = args.max_num_batched_tokens or (2048 if chunked_prefill else model.max_model_len)
+    if mode.is_encoder:  # bidirectional attention over the whole prompt at once; no KV cache to share
+        chunked_prefill, prefix_caching = False, False
+        max_batched = max(max_batched, model.max_model_len)
+    max_num_seqs = args.max_num_seqs or 256
+    if model.architecture in ENCODER_DECODER_ARCHITECTURES:
+        prefix_caching = False  # the decoder's KV depends on the audio, which block hashes do not cover
+        max_num_seqs = args.max_num_seqs or 64  # memory the KV budget does not count: 18-37 MB each for tiny/base
+    engine = EngineConfig(
+        model=model,
+        cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                          kv_cache_memory_bytes=parse_byte_size(args.kv_cache_memory) if args.kv_cache_memory else None,
+                          enable_prefix_caching=prefix_caching,
+                          num_blocks_override=args.num_gpu_blocks_override, kv_transfer=args.kv_transfer_config),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=max_num_seqs,
+                                  max_model_len=model.max_model_len, policy=args.scheduling_policy,
+                                  enable_chunked_prefill=chunked_prefill,
+                                  pooling_tasks=model.pooler.tasks if model.pooler is not None else ()),
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, device=device,
+                                data_parallel_size=args.data_parallel_size,
+                                distributed_executor_backend=args.distributed_executor_backend),
+        engine_address=engine_address,
+    )
+    return engine, frontend_config_from_args(args)
+
+
+def _runner_and_convert(args: argparse.Namespace) -> tuple[str, str]:
+    """--runner/--convert, or what the older --task spelling means."""
+    task = {"embedding": "embed", "score": "classify"}.get(args.task, args.task)
+    if task == "generate":
+        return "generate", args.convert
+    if task in ("embed", "classify"):
+        return "pooling", task if args.convert == "auto" else args.convert
+    return args.runner, args.convert
+
+
+def _cuda_visible() -> bool:
+    """Cheap check that avoids importing torch in the launcher when there is plainly no GPU."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    if not os.path.exists("/dev/nvidia0") and not os.path.exists("/dev/nvidiactl"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()

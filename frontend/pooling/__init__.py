@@ -1,0 +1,1 @@
+"""Pooling models: /v1/embeddings, /pooling, /classify, /score and /rerank."""

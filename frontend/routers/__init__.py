@@ -1,1 +1,0 @@
-"""Thin routers, one per resource: validate (pydantic) -> call the serving object -> return its response."""

@@ -1,0 +1,1 @@
+"""Rank 0's sampling: the sampler, logits processors, structured-output masks and prompt logprobs."""
