@@ -17,8 +17,8 @@ import enum
 from typing import Any
 
 from engine_core.block_hash import BlockHash
-from engine_core.protocol import (AudioInput, EngineCoreRequest, PoolingParams, RepetitionDetection, SamplingParams,
-                                  TokenLogprobs)
+from engine_core.protocol import (AudioInput, EngineCoreOutput, EngineCoreRequest, PoolingOutput, PoolingParams,
+                                  RepetitionDetection, SamplingParams, TokenLogprobs)
 
 
 class RequestStatus(enum.IntEnum):
@@ -153,6 +153,15 @@ class Request:
         """The prompt logprobs for the request's first output; None afterwards (and without prompt_logprobs)."""
         prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         return prompt_logprobs
+
+    def make_output(self, token_ids: list[int], logprobs: list[TokenLogprobs] | None = None,
+                    pooling_output: PoolingOutput | None = None) -> EngineCoreOutput:
+        """This step's news for the frontend: new tokens, and the finish reason once finished."""
+        return EngineCoreOutput(
+            self.request_id, token_ids, new_logprobs=logprobs, finish_reason=self.status.finish_reason,
+            stop_reason=self.stop_reason, num_cached_tokens=max(0, self.num_cached_tokens),
+            kv_transfer_params=self.kv_transfer_params_out, prompt_logprobs=self.take_prompt_logprobs(),
+            pooling_output=pooling_output)
 
     def take_unsent_token_ids(self) -> list[int]:
         """Tokens the worker has not seen yet; marks them as sent."""

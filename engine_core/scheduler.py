@@ -17,18 +17,15 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from engine_core.config import CacheConfig, SchedulerConfig
 from engine_core.kv_cache import KVCacheBlock, KVCacheManager
 from engine_core.kv_transfer import KVConnectorScheduler
 from engine_core.protocol import (
-    CachedRequestData,
     EngineCoreOutput,
     EngineCoreRequest,
     KVConnectorOutput,
     ModelRunnerOutput,
-    NewRequestData,
     PoolingOutput,
     SchedulerOutput,
     SchedulerStats,
@@ -36,36 +33,12 @@ from engine_core.protocol import (
 )
 from engine_core.request import Request, RequestStatus, check_stop
 from engine_core.request_queue import make_request_queue
+from engine_core.step_plan import StepPlan
 
 logger = logging.getLogger("conveyor.scheduler")
 
 _NO_SAMPLE = "the worker returned no sampled token for a request whose tokens were all computed"
 _NO_POOLING_OUTPUT = "the worker returned no pooled result for a pooling request whose prompt was computed"
-
-
-@dataclass
-class _StepPlan:
-    """What one `schedule()` call has decided so far; preemption can withdraw a request from it."""
-
-    token_budget: int
-    scheduled: list[Request] = field(default_factory=list)
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    new_block_ids: dict[str, list[int]] = field(default_factory=dict)
-    preempted_ids: set[str] = field(default_factory=set)
-
-    def add(self, request: Request, num_tokens: int, new_block_ids: list[int]) -> None:
-        assert 0 < num_tokens <= self.token_budget
-        self.scheduled.append(request)
-        self.num_scheduled_tokens[request.request_id] = num_tokens
-        self.new_block_ids[request.request_id] = new_block_ids
-        self.token_budget -= num_tokens
-
-    def withdraw(self, request: Request) -> None:
-        num_tokens = self.num_scheduled_tokens.pop(request.request_id, 0)
-        if num_tokens:
-            self.scheduled.remove(request)
-            del self.new_block_ids[request.request_id]
-            self.token_budget += num_tokens
 
 
 class Scheduler:
@@ -188,14 +161,14 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Decide the next step; mutates request progress, block tables, queues and counters."""
-        plan = _StepPlan(token_budget=self.config.max_num_batched_tokens)
+        plan = StepPlan(token_budget=self.config.max_num_batched_tokens)
         self._schedule_running(plan)
         if not plan.preempted_ids:  # blocks ran short: let the running requests drain first
             self._schedule_waiting(plan)
         self._record_step(plan)
         return self._build_output(plan)
 
-    def _schedule_running(self, plan: _StepPlan) -> None:
+    def _schedule_running(self, plan: StepPlan) -> None:
         """Give every running request its next tokens (1 for a decode, a chunk for a prefill) while budget lasts."""
         for request in list(self.running):
             if plan.token_budget == 0:
@@ -208,7 +181,7 @@ class Scheduler:
             if new_block_ids is not None:
                 plan.add(request, num_new_tokens, new_block_ids)
 
-    def _allocate_or_preempt(self, request: Request, num_new_tokens: int, plan: _StepPlan) -> list[int] | None:
+    def _allocate_or_preempt(self, request: Request, num_new_tokens: int, plan: StepPlan) -> list[int] | None:
         """Allocate blocks for a running request, preempting victims until it fits or is itself preempted."""
         while (new_block_ids := self.kv_cache.allocate_slots(request, num_new_tokens)) is None:
             victim = self._pick_running_victim()
@@ -222,7 +195,7 @@ class Scheduler:
             return max(self.running, key=lambda r: r.priority_key)
         return self.running[-1]  # fcfs: the most recently started
 
-    def _schedule_waiting(self, plan: _StepPlan) -> None:
+    def _schedule_waiting(self, plan: StepPlan) -> None:
         """Start waiting requests in policy order while budget, seats and blocks allow. A request loading its KV
         holds a seat: once loaded it joins the running batch directly."""
         while (self.waiting and plan.token_budget > 0
@@ -231,7 +204,7 @@ class Scheduler:
             if request.request_id in plan.preempted_ids or not self._try_start(request, plan):
                 break
 
-    def _try_start(self, request: Request, plan: _StepPlan) -> bool:
+    def _try_start(self, request: Request, plan: StepPlan) -> bool:
         """Start `request` (the queue head) from its cached prefix; False (nothing changed) if it does not fit."""
         # Pending prompt logprobs, and pooling (which reads every prompt row's hidden state), need the whole prompt
         # computed here: no prefix-cache hits (vLLM does the same).
@@ -312,7 +285,7 @@ class Scheduler:
         return failed
 
     def _allocate_for_waiting(self, request: Request, num_new_tokens: int,
-                              computed_blocks: list[KVCacheBlock], plan: _StepPlan) -> list[int] | None:
+                              computed_blocks: list[KVCacheBlock], plan: StepPlan) -> list[int] | None:
         """Allocate for a waiting request; under the priority policy it may preempt lower-priority runners."""
         while (new_block_ids := self.kv_cache.allocate_slots(request, num_new_tokens, computed_blocks)) is None:
             if self.config.policy != "priority" or not self.running:
@@ -323,7 +296,7 @@ class Scheduler:
             self._preempt(victim, plan)
         return new_block_ids
 
-    def _preempt(self, request: Request, plan: _StepPlan) -> None:
+    def _preempt(self, request: Request, plan: StepPlan) -> None:
         """Preempt by recompute: drop the request's KV and progress and requeue it at the front of waiting."""
         plan.withdraw(request)
         plan.preempted_ids.add(request.request_id)
@@ -337,25 +310,13 @@ class Scheduler:
         self.waiting.add_preempted(request)
         self._num_preemptions += 1
 
-    def _build_output(self, plan: _StepPlan) -> SchedulerOutput:
+    def _build_output(self, plan: StepPlan) -> SchedulerOutput:
         """Turn the plan into diffs; marks every scheduled request's tokens as known to the worker."""
-        new_requests, cached_requests = [], []
-        for request in plan.scheduled:
-            if request.num_tokens_known_to_worker == 0:
-                new_requests.append(NewRequestData(
-                    request.request_id, request.take_unsent_token_ids(), request.num_prompt_tokens,
-                    request.sampling_params, list(request.block_ids), request.num_computed_tokens,
-                    request.eos_token_id, request.pooling_params, request.audio))
-            else:
-                cached_requests.append(CachedRequestData(
-                    request.request_id, request.take_unsent_token_ids(), plan.new_block_ids[request.request_id],
-                    request.num_computed_tokens))
         finished_ids, self._finished_ids_for_workers = self._finished_ids_for_workers, []
         metadata = self.kv_connector.take_metadata() if self.kv_connector is not None else None
-        return SchedulerOutput(new_requests, cached_requests, dict(plan.num_scheduled_tokens), finished_ids,
-                               metadata)
+        return plan.to_scheduler_output(finished_ids, metadata)
 
-    def _record_step(self, plan: _StepPlan) -> None:
+    def _record_step(self, plan: StepPlan) -> None:
         if plan.scheduled:
             self._num_steps += 1
             self._num_scheduled_reqs += len(plan.scheduled)
@@ -396,7 +357,7 @@ class Scheduler:
             if not token_ids:  # failed on its own (request_errors), or the worker broke the contract: fail it
                 error = (runner_output.request_errors or {}).get(request_id, _NO_SAMPLE)
                 self._finish(request, RequestStatus.FINISHED_ERROR, error)
-                outputs[request.client_index].append(self._make_output(request, []))
+                outputs[request.client_index].append(request.make_output([]))
                 continue
             logprobs = runner_output.logprobs[i] if i is not None and i < len(runner_output.logprobs) else None
             outputs[request.client_index].append(self._append_sampled(request, token_ids, logprobs))
@@ -409,9 +370,9 @@ class Scheduler:
         if result is None:
             error = (runner_output.request_errors or {}).get(request.request_id, _NO_POOLING_OUTPUT)
             self._finish(request, RequestStatus.FINISHED_ERROR, error)
-            return self._make_output(request, [])
+            return request.make_output([])
         self._finish(request, RequestStatus.FINISHED_STOPPED)
-        return self._make_output(request, [], pooling_output=result)
+        return request.make_output([], pooling_output=result)
 
     def _apply_kv_connector_output(self, kv_output: KVConnectorOutput | None,
                                    outputs: dict[int, list[EngineCoreOutput]]) -> None:
@@ -420,7 +381,7 @@ class Scheduler:
         for request in self.kv_connector.take_sent(kv_output):
             self.kv_cache.free(request)
         for request in self._finish_loads(kv_output):
-            outputs[request.client_index].append(self._make_output(request, []))
+            outputs[request.client_index].append(request.make_output([]))
 
     def _append_sampled(self, request: Request, token_ids: list[int],
                         logprobs: list[TokenLogprobs] | None) -> EngineCoreOutput:
@@ -433,16 +394,7 @@ class Scheduler:
             if stop is not None:
                 self._finish(request, *stop)
                 break
-        return self._make_output(request, token_ids[:num_kept], None if logprobs is None else logprobs[:num_kept])
-
-    @staticmethod
-    def _make_output(request: Request, token_ids: list[int], logprobs: list[TokenLogprobs] | None = None,
-                     pooling_output: PoolingOutput | None = None) -> EngineCoreOutput:
-        return EngineCoreOutput(
-            request.request_id, token_ids, new_logprobs=logprobs, finish_reason=request.status.finish_reason,
-            stop_reason=request.stop_reason, num_cached_tokens=max(0, request.num_cached_tokens),
-            kv_transfer_params=request.kv_transfer_params_out, prompt_logprobs=request.take_prompt_logprobs(),
-            pooling_output=pooling_output)
+        return request.make_output(token_ids[:num_kept], None if logprobs is None else logprobs[:num_kept])
 
     def _fail_step(self, scheduler_output: SchedulerOutput, message: str,
                    outputs: dict[int, list[EngineCoreOutput]]) -> None:
@@ -452,7 +404,7 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:  # aborted while the step ran
                 continue
             self._finish(request, RequestStatus.FINISHED_ERROR, message)
-            outputs[request.client_index].append(self._make_output(request, []))
+            outputs[request.client_index].append(request.make_output([]))
 
     # ------------------------------------------------------------------ stats and checks
 

@@ -147,3 +147,9 @@ async def run_embeddings_benchmark(targets: list[HttpTarget], concurrency_levels
 
 def format_embeddings_table(results: list[dict[str, Any]]) -> str:
     return format_levels_table(results, [("sentences/s", "sentences_per_s")])
+
+
+if __name__ == "__main__":  # a module of scripts/bench_serving.py: --help prints the docstring above
+    from bench_levels import module_main
+
+    module_main(__doc__)

@@ -1,11 +1,16 @@
 """What the embeddings and transcriptions benchmarks share: interleaved concurrency levels, latency percentiles and
-the markdown table."""
+the markdown table.
+
+A module, not a script: `python scripts/bench_serving.py --help` shows how to run the benchmarks.
+"""
 from __future__ import annotations
 
 import statistics
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import aiohttp
 
@@ -65,3 +70,19 @@ def format_levels_table(results: list[dict[str, Any]], columns: list[tuple[str, 
         lines.append(f"| {r['concurrency']} | {r['target']} | " + " | ".join(fmt(r[key]) for key in keys)
                      + f" | {r['failed']} |")
     return "\n".join(lines)
+
+
+def module_main(doc: str | None) -> NoReturn:
+    """What a module of scripts/bench_serving.py does when run as a script: -h/--help prints its docstring and
+    exits 0; anything else says to run bench_serving.py and exits 2."""
+    name = Path(sys.argv[0]).name
+    text = f"usage: python scripts/bench_serving.py ... ({name} is a module of it, not a script)\n\n{doc or ''}"
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(text.rstrip())
+        sys.exit(0)
+    print(text.rstrip(), file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    module_main(__doc__)

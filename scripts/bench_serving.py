@@ -4,9 +4,12 @@
 `--mode embeddings` measures sentences/s on /v1/embeddings instead (see scripts/bench_embeddings.py), and
 `--mode transcriptions` the real-time factor on /v1/audio/transcriptions (see scripts/bench_speech.py).
 
-    python scripts/bench_serving.py --tokenizer /work/peers/smollm2-hf \\
+    python scripts/bench_serving.py --tokenizer $PEERS_DIR/smollm2-hf \\
         --target conveyor=http://127.0.0.1:8100 --target vllm=http://127.0.0.1:8200 \\
         --input-len 128 --output-len 128 --concurrency 1 4 16 --result-json bench_results/run.json
+
+($PEERS_DIR: where scripts/setup_peers.sh puts the peers and the model, by default
+${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/peers.)
 
 Workload: `--num-prompts` random prompts per concurrency level (default max(8, 2 x concurrency)), each
 made of random token ids from the tokenizer (tokenizer.json of `--tokenizer DIR`) decoded to text and
@@ -32,44 +35,12 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    base_url: str  # without the trailing /v1
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    prompt: str
-    num_prompt_tokens: int  # by the benchmark's tokenizer; 0 when unknown (dataset without tokenizer)
-    max_tokens: int
-
-
-@dataclass
-class RequestResult:
-    ok: bool = False
-    error: str = ""
-    ttft_s: float = 0.0
-    e2e_s: float = 0.0
-    num_output_tokens: int = 0
-    num_prompt_tokens: int = 0
-    chunk_gaps_s: list[float] = field(default_factory=list)  # between consecutive content chunks
-
-
-@dataclass
-class TargetSession:
-    """Per-target state found by probing: the model name to send and whether ignore_eos is accepted."""
-
-    target: Target
-    model: str
-    ignore_eos: bool
+from bench_client import PromptSpec, RequestResult, Target, TargetSession, open_session, send_request, warm_up
 
 
 # ----------------------------------------------------------------------------- workload
@@ -124,89 +95,6 @@ def dataset_workload(path: str, num_prompts: int, tokenizer: Any | None, default
         num_tokens = len(tokenizer.encode(row["prompt"], add_special_tokens=False).ids) if tokenizer else 0
         specs.append(PromptSpec(row["prompt"], num_tokens, int(row.get("max_tokens", default_max_tokens))))
     return specs
-
-
-# ----------------------------------------------------------------------------- one request
-
-
-def request_body(session: TargetSession, spec: PromptSpec, temperature: float) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": session.model, "prompt": spec.prompt, "max_tokens": spec.max_tokens,
-        "temperature": temperature, "stream": True, "stream_options": {"include_usage": True},
-    }
-    if session.ignore_eos:
-        body["ignore_eos"] = True
-    return body
-
-
-def _is_token_chunk(choice: dict[str, Any]) -> bool:
-    """A chunk that carries a generated token: text, or empty text (a held-back partial character)
-    before the finish; an empty chunk that only carries finish_reason is not a token."""
-    return bool(choice.get("text")) or ("text" in choice and choice.get("finish_reason") is None)
-
-
-class _StreamFailed(Exception):
-    """A request failed; `retryable` when the server dropped the connection before answering."""
-
-    def __init__(self, message: str, retryable: bool = False) -> None:
-        super().__init__(message[:300])
-        self.retryable = retryable
-
-
-async def send_request(client: httpx.AsyncClient, session: TargetSession, spec: PromptSpec,
-                       temperature: float) -> RequestResult:
-    """Stream one completion and time it; failures are recorded, never raised.
-
-    A connection the server closed before sending any response (a keep-alive race) is retried once,
-    with the clock restarted."""
-    for attempt in range(2):
-        result = RequestResult(num_prompt_tokens=spec.num_prompt_tokens)
-        try:
-            await _stream_completion(client, session, spec, temperature, result)
-            return result
-        except _StreamFailed as exc:
-            result.error = str(exc)
-            if not exc.retryable or attempt == 1:
-                return result
-    raise AssertionError("unreachable")
-
-
-async def _stream_completion(client: httpx.AsyncClient, session: TargetSession, spec: PromptSpec,
-                             temperature: float, result: RequestResult) -> None:
-    """Send one streaming request and fill `result`; raises _StreamFailed."""
-    url = f"{session.target.base_url}/v1/completions"
-    start = last = time.perf_counter()
-    num_token_chunks, usage, answered = 0, None, False
-    try:
-        async with client.stream("POST", url, json=request_body(session, spec, temperature)) as response:
-            answered = True
-            if response.status_code != 200:
-                raise _StreamFailed(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
-            async for line in response.aiter_lines():
-                payload = line[len("data:"):].strip() if line.startswith("data:") else ""
-                if not payload or payload == "[DONE]":
-                    continue
-                chunk = json.loads(payload)
-                if "error" in chunk:
-                    raise _StreamFailed(f"error chunk: {chunk['error']}")
-                usage = chunk.get("usage") or usage
-                if any(_is_token_chunk(choice) for choice in chunk.get("choices") or []):
-                    now = time.perf_counter()
-                    if num_token_chunks == 0:
-                        result.ttft_s = now - start
-                    else:
-                        result.chunk_gaps_s.append(now - last)
-                    last, num_token_chunks = now, num_token_chunks + 1
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
-        retryable = not answered and isinstance(exc, (httpx.RemoteProtocolError, httpx.ConnectError))
-        raise _StreamFailed(f"{type(exc).__name__}: {exc}", retryable) from exc
-    if num_token_chunks == 0:
-        raise _StreamFailed("no token chunks in the stream")
-    result.e2e_s = time.perf_counter() - start
-    result.num_output_tokens = int(usage["completion_tokens"]) if usage else num_token_chunks
-    if usage and usage.get("prompt_tokens"):
-        result.num_prompt_tokens = int(usage["prompt_tokens"])
-    result.ok = True
 
 
 # ----------------------------------------------------------------------------- one level
@@ -290,28 +178,7 @@ def summarize(session: TargetSession, concurrency: int, results: list[RequestRes
     }
 
 
-# ----------------------------------------------------------------------------- targets
-
-
-async def open_session(client: httpx.AsyncClient, target: Target, model: str | None,
-                       ignore_eos: str) -> TargetSession:
-    """Find the served model name (unless given) and whether the server accepts ignore_eos."""
-    if model is None:
-        response = await client.get(f"{target.base_url}/v1/models")
-        response.raise_for_status()
-        model = str(response.json()["data"][0]["id"])
-    accepts = ignore_eos == "on"
-    if ignore_eos == "auto":
-        probe = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0, "ignore_eos": True}
-        accepts = (await client.post(f"{target.base_url}/v1/completions", json=probe)).status_code == 200
-    return TargetSession(target, model, accepts)
-
-
-async def warm_up(client: httpx.AsyncClient, session: TargetSession, spec: PromptSpec, temperature: float) -> None:
-    short = PromptSpec(spec.prompt, spec.num_prompt_tokens, max(2, min(spec.max_tokens, 16)))
-    result = await send_request(client, session, short, temperature)
-    if not result.ok:
-        raise SystemExit(f"warm-up request to {session.target.name} failed: {result.error}")
+# ----------------------------------------------------------------------------- all levels, all targets
 
 
 async def run_benchmark(args: argparse.Namespace, workloads: dict[int, list[PromptSpec]]) -> list[dict[str, Any]]:
@@ -429,12 +296,17 @@ def combine(paths: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 def write_outputs(args: argparse.Namespace, config: dict[str, Any], results: list[dict[str, Any]]) -> None:
     table = format_table(results)
     print(table)
+    save_results(args, config, results, table)
+
+
+def save_results(args: argparse.Namespace, config: dict[str, Any], results: list[dict[str, Any]], md: str) -> None:
+    """The config and results to --result-json, `md` to --result-md (each only when given)."""
     if args.result_json:
         Path(args.result_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.result_json).write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
     if args.result_md:
         Path(args.result_md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.result_md).write_text(table)
+        Path(args.result_md).write_text(md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,12 +361,7 @@ def _write_mode_outputs(args: argparse.Namespace, started_at: str, config: dict[
     print(table)
     config.update(targets=[asdict(t) for t in args.target], concurrency=args.concurrency,
                   in_process=args.in_process, started_at=started_at, note=args.note)
-    if args.result_json:
-        Path(args.result_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.result_json).write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
-    if args.result_md:
-        Path(args.result_md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.result_md).write_text(table + "\n")
+    save_results(args, config, results, table + "\n")
     return 1 if any(r["failed"] for r in results) else 0
 
 

@@ -148,3 +148,9 @@ async def run_speech_benchmark(targets: list[HttpTarget], audio_paths: list[str]
 
 def format_speech_table(results: list[dict[str, Any]]) -> str:
     return format_levels_table(results, [("real-time factor", "real_time_factor"), ("requests/s", "requests_per_s")])
+
+
+if __name__ == "__main__":  # a module of scripts/bench_serving.py: --help prints the docstring above
+    from bench_levels import module_main
+
+    module_main(__doc__)

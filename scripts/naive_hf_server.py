@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The naive baseline: a minimal OpenAI-compatible server around transformers `generate()`.
 
-    python scripts/naive_hf_server.py --model /work/peers/smollm2-hf --port 8400
+    python scripts/naive_hf_server.py --model $PEERS_DIR/smollm2-hf --port 8400
 
 It serves ONE request at a time (an asyncio lock around each generation; no batching, no paging),
 which is what "just call generate() behind a web server" gives you. Endpoints:

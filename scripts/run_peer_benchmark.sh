@@ -30,13 +30,15 @@
 # NUM_REQUESTS=24 uploads of the clips in tests/data/audio (English).
 #
 # Knobs (environment): BENCH=completions|embeddings|transcriptions PEERS="conveyor vllm llamacpp naive" MODE THREADS INPUT_LEN OUTPUT_LEN
-# CONCURRENCY="1 4 16" NUM_PROMPTS (default max(8, 2 x concurrency)) PEERS_DIR MODEL_DIR GGUF OUT_DIR
+# CONCURRENCY="1 4 16" NUM_PROMPTS (default max(8, 2 x concurrency)) PEERS_DIR (default as for setup_peers.sh:
+# ${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/peers) MODEL_DIR GGUF OUT_DIR
 # READY_TIMEOUT VLLM_BIND CONVEYOR_ARGS VLLM_ARGS (extra flags, word-split). A server that is not
 # installed or does not come up is reported and skipped.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"  # -h/--help: print the comment above
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PEERS_DIR=${PEERS_DIR:-/work/peers}
+PEERS_DIR=${PEERS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/peers}
 PY=${PY:-$REPO_DIR/.venv/bin/python}
 BENCH=${BENCH:-completions}
 if [[ $BENCH == embeddings ]]; then

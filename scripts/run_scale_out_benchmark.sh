@@ -16,6 +16,7 @@
 # (a folder with tokenizer.json; default .models/llama, the same SmolLM2 tokenizer) INPUT_LEN OUTPUT_LEN
 # CONCURRENCY="1 4 16" NUM_PROMPTS THREADS OUT_DIR READY_TIMEOUT CONVEYOR_ARGS (extra serve flags).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"  # -h/--help: print the comment above
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PY:-$REPO_DIR/.venv/bin/python}

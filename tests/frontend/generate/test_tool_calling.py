@@ -1,11 +1,11 @@
 """Tool calling and the chat extras, against the fake engine core scripted to "generate" chosen text.
 
-Every response is validated with the openai package's own types (ChatCompletion / ChatCompletionChunk).
+Every response is validated with the openai package's own types (ChatCompletion / ChatCompletionChunk). The
+tool parsers on their own: tests/frontend/generate/tool_parsers/.
 """
 from __future__ import annotations
 
 import json
-import random
 from typing import Any, Callable, Iterator
 
 import httpx
@@ -16,10 +16,11 @@ from conveyor.config_from_args import frontend_config_from_args
 from conveyor.flags import build_parser
 from engine_core.protocol import EngineCoreRequest, StructuredOutputSpec
 from frontend.generate.tool_calling import NamedFunctionProcessor, RequiredToolsProcessor
-from frontend.generate.tool_parsers import ToolOutputProcessor, get_tool_parser, tool_parser_names
+from frontend.generate.tool_parsers import tool_parser_names
 from frontend.tokenizer import TokenizerInfo
 from tests.frontend.conftest import SERVED_NAME, FrontendHarness, canned_token_ids, model_dir
 from tests.frontend.fake_core import FakeCore
+from tests.frontend.generate.tool_outputs import CALLS, OUTPUTS, call_values
 
 EOS = 2  # <|im_end|>, the tiny model's eos_token_id
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -30,18 +31,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": WEATHER}},
          {"type": "function", "function": {"name": "get_time", "parameters": {
              "type": "object", "properties": {"tz": {"type": "string"}}}}}]
-CALLS = [("get_weather", {"city": "Paris", "unit": "celsius"}), ("get_time", {"tz": "Europe/Paris"})]
-
-# What each model family writes for CALLS, and the content the parser should leave.
-OUTPUTS: dict[str, tuple[str, str | None]] = {
-    "hermes": ("Let me check.\n<tool_call>\n"
-               '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>\n'
-               '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n</tool_call>',
-               "Let me check.\n"),
-    "llama3_json": ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
-                    '{"name": "get_time", "parameters": {"tz": "Europe/Paris"}}', None),
-    "pythonic": ('[get_weather(city="Paris", unit="celsius"), get_time(tz="Europe/Paris")]', None),
-}
 
 _tokenizer = TokenizerInfo(str(model_dir("llama")))
 
@@ -128,16 +117,6 @@ def assemble(chunks: list[ChatCompletionChunk]) -> tuple[str, list[dict[str, Any
             if choice.finish_reason is not None:
                 finish = choice.finish_reason
     return content, calls, finish
-
-
-def call_values(calls: list[Any]) -> list[tuple[str, Any]]:
-    result = []
-    for call in calls:
-        if isinstance(call, dict):
-            result.append((call["name"], json.loads(call["arguments"])))
-        else:
-            result.append((call.function.name, json.loads(call.function.arguments)))
-    return result
 
 
 # --------------------------------------------------------------------------- auto: each parser
@@ -436,76 +415,11 @@ def test_flags_reach_the_frontend_config() -> None:
     assert {"hermes", "llama3_json", "pythonic"} <= set(tool_parser_names())
 
 
-# --------------------------------------------------------------------------- parsers alone: stream == whole
+# --------------------------------------------------------------------------- the forced-choice processors alone
 
 
-PARSER_TEXTS = {
-    "hermes": [OUTPUTS["hermes"][0], "plain < text <tool", "a <tool_call>not json</tool_call> b",
-               '<tool_call>{"arguments": {"x": [1, "}"]}, "name": "f"}</tool_call> tail',
-               '<tool_call>{"name": "f"}</tool_call>', '<tool_call>{"name": "f", "arguments": {"x": 1'],
-    "llama3_json": [OUTPUTS["llama3_json"][0], '{"name": "Bob", "age": 3}', 'Hi {"name": "f", "parameters": {}}',
-                    ' {"name": "f", "arguments": {"x": "a;b"}} and more', "<|python_tag|>print(1)"],
-    "pythonic": [OUTPUTS["pythonic"][0], "[1, 2] is a list", "[f(x)]", "[f()] done",
-                 '<|python_start|>[f(a="x, y)", b=[1, (2, 3)], c={"k": None}, d=-1.5, e=true,)]<|python_end|>',
-                 "[f(s='''tri\"ple'''), g(a=1, b=x)]"],
-}
-
-
-def run(processor: ToolOutputProcessor, text: str, rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
-    content, calls = "", []
-    position = 0
-    while position < len(text):
-        size = rng.randint(1, 5)
-        out = processor.feed(text[position:position + size])
-        position += size
-        content += out.content
-        for piece in out.tool_calls:
-            if piece.name is not None:
-                calls.append((piece.name, ""))
-            calls[piece.index] = (calls[piece.index][0], calls[piece.index][1] + piece.arguments)
-    out = processor.finish()
-    content += out.content
-    for piece in out.tool_calls:
-        if piece.name is not None:
-            calls.append((piece.name, ""))
-        calls[piece.index] = (calls[piece.index][0], calls[piece.index][1] + piece.arguments)
-    return content, calls
-
-
-@pytest.mark.parametrize("parser, text", [(parser, text) for parser, texts in PARSER_TEXTS.items()
-                                          for text in texts])
-def test_streaming_matches_the_whole_output(parser: str, text: str) -> None:
-    cls = get_tool_parser(parser)
-    whole = cls().extract(text)
-    for seed in range(5):
-        content, calls = run(cls(), text, random.Random(seed))
-        assert content == (whole.content or "")
-        assert [name for name, _ in calls] == [call.name for call in whole.tool_calls]
-        for (_, arguments), call in zip(calls, whole.tool_calls):
-            try:
-                assert json.loads(arguments) == json.loads(call.arguments)
-            except json.JSONDecodeError:  # the output ended inside the arguments: both keep the raw text
-                assert arguments == call.arguments
-
-
-def test_parser_results() -> None:
-    def extract(parser: str, text: str) -> tuple[str | None, list[tuple[str, Any]]]:
-        result = get_tool_parser(parser)().extract(text)
-        return result.content, call_values([{"name": c.name, "arguments": c.arguments} for c in result.tool_calls])
-
-    assert extract("hermes", PARSER_TEXTS["hermes"][2]) == ("a <tool_call>not json</tool_call> b", [])
-    assert extract("hermes", PARSER_TEXTS["hermes"][3]) == (" tail", [("f", {"x": [1, "}"]})])
-    assert extract("hermes", PARSER_TEXTS["hermes"][4]) == (None, [("f", {})])
-    assert extract("llama3_json", '{"name": "Bob", "age": 3}') == ('{"name": "Bob", "age": 3}', [])
-    assert extract("llama3_json", PARSER_TEXTS["llama3_json"][3]) == (" and more", [("f", {"x": "a;b"})])
-    assert extract("pythonic", "[f(x)]") == ("[f(x)]", [])  # positional arguments are not calls
-    assert extract("pythonic", "[f()] done") == (" done", [("f", {})])
-    assert extract("pythonic", PARSER_TEXTS["pythonic"][4]) == (None, [("f", {
-        "a": "x, y)", "b": [1, [2, 3]], "c": {"k": None}, "d": -1.5, "e": True})])
-    # pythonic pieces concatenate to exactly the json.dumps text of the whole answer
-    whole = get_tool_parser("pythonic")().extract(OUTPUTS["pythonic"][0])
-    _, calls = run(get_tool_parser("pythonic")(), OUTPUTS["pythonic"][0], random.Random(0))
-    assert [arguments for _, arguments in calls] == [call.arguments for call in whole.tool_calls]
+def test_forced_choice_processors() -> None:
+    """The processors of tool_choice "required" and of a named function, on their own."""
     required = RequiredToolsProcessor().extract('[{"name": "a", "parameters": {"x": 1}}, {"name": "b"}]')
     assert (required.content, [(c.name, c.arguments) for c in required.tool_calls]) == (
         None, [("a", '{"x": 1}'), ("b", "{}")])
