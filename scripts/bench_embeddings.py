@@ -21,8 +21,8 @@ import time
 from typing import Any, Callable
 
 import aiohttp
-from bench_levels import (HttpTarget, Runner, format_levels_table, latency_stats, run_interleaved,
-                          served_model_name)
+from bench_levels import (HttpTarget, Runner, format_levels_table, http_session, latency_stats, post_checked,
+                          run_interleaved, send_all)
 
 _WORDS = ("the a man woman child dog cat bird car train city river mountain house garden kitchen table book "
           "letter music song film game team player doctor teacher student market price water coffee bread food "
@@ -43,25 +43,12 @@ def make_sentences(count: int, seed: int) -> list[str]:
 
 async def run_http_level(client: aiohttp.ClientSession, target: HttpTarget, model: str,
                          sentences: list[str], concurrency: int) -> dict[str, Any]:
-    queue = list(reversed(sentences))
-    latencies: list[float] = []
-    errors: list[str] = []
+    async def send(sentence: str) -> str | None:
+        return await post_checked(client.post(f"{target.base_url}/v1/embeddings", json={
+            "model": model, "input": sentence, "encoding_format": "float"}), b'"embedding"')
 
-    async def worker() -> None:
-        while queue:
-            sentence = queue.pop()
-            started = time.perf_counter()
-            async with client.post(f"{target.base_url}/v1/embeddings",
-                                   json={"model": model, "input": sentence, "encoding_format": "float"}) as response:
-                body = await response.read()
-                if response.status != 200 or b'"embedding"' not in body:
-                    errors.append(f"{response.status}: {body[:200]!r}")
-                    continue
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return _summary(target.name, concurrency, len(latencies), time.perf_counter() - started, latencies, errors)
+    run = await send_all(sentences, concurrency, send)
+    return _summary(target.name, concurrency, len(run.latencies), run.duration_s, run.latencies, run.errors)
 
 
 def in_process_encoder(model_dir: str) -> tuple[str, Callable[[list[str], int], Any]]:
@@ -120,11 +107,7 @@ async def run_embeddings_benchmark(targets: list[HttpTarget], concurrency_levels
                                    warmup: bool = True, timeout_s: float = 600.0) -> list[dict[str, Any]]:
     sentences = make_sentences(num_sentences, seed)
     encoder = in_process_encoder(in_process_dir) if in_process_dir else None
-    # aiohttp, not httpx: at 64 connections httpx's client spent ~5 ms of CPU per request, taken from the servers
-    # on a 2-core machine.
-    connector = aiohttp.TCPConnector(limit=max(concurrency_levels) + 8)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
-        models = {target.name: await served_model_name(client, target.base_url) for target in targets}
+    async with http_session(targets, concurrency_levels, timeout_s) as (client, models):
         if warmup:
             for target in targets:
                 await run_http_level(client, target, models[target.name], sentences[:8], 4)

@@ -5,16 +5,20 @@ A module, not a script: `python scripts/bench_serving.py --help` shows how to ru
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import statistics
 import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Generic, NoReturn, TypeVar
 
 import aiohttp
 
 Runner = Callable[[], Awaitable[dict[str, Any]]]
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,61 @@ async def served_model_name(client: aiohttp.ClientSession, base_url: str) -> str
     async with client.get(f"{base_url}/v1/models") as response:
         response.raise_for_status()
         return str((await response.json())["data"][0]["id"])
+
+
+@contextlib.asynccontextmanager
+async def http_session(targets: list[HttpTarget], concurrency_levels: list[int],
+                       timeout_s: float) -> AsyncIterator[tuple[aiohttp.ClientSession, dict[str, str]]]:
+    """One client session for every target, and each target's served model name.
+
+    aiohttp, not httpx: at 64 connections httpx's client spent ~5 ms of CPU per request, taken from the servers on
+    a 2-core machine."""
+    connector = aiohttp.TCPConnector(limit=max(concurrency_levels) + 8)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
+        yield client, {target.name: await served_model_name(client, target.base_url) for target in targets}
+
+
+@dataclass
+class LevelRun(Generic[Item]):
+    """What one level's requests came to: a latency per answered item, an error line per failed one."""
+
+    duration_s: float = 0.0
+    answered: list[Item] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+async def send_all(items: list[Item], concurrency: int,
+                   send: Callable[[Item], Awaitable[str | None]]) -> LevelRun[Item]:
+    """`items` in order by `concurrency` workers; `send` answers None when the server answered well, else an error
+    line. Latency is measured around each `send`."""
+    queue = list(reversed(items))
+    run: LevelRun[Item] = LevelRun()
+
+    async def worker() -> None:
+        while queue:
+            item = queue.pop()
+            started = time.perf_counter()
+            error = await send(item)
+            if error is not None:
+                run.errors.append(error)
+                continue
+            run.latencies.append(time.perf_counter() - started)
+            run.answered.append(item)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    run.duration_s = time.perf_counter() - started
+    return run
+
+
+async def post_checked(response_context: Any, must_contain: bytes) -> str | None:
+    """None for a 200 whose body contains `must_contain`, else the error line."""
+    async with response_context as response:
+        body = await response.read()
+        if response.status != 200 or must_contain not in body:
+            return f"{response.status}: {body[:200]!r}"
+    return None
 
 
 def latency_stats(latencies_s: list[float]) -> dict[str, float | None]:

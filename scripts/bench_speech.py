@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
-from bench_levels import (HttpTarget, Runner, format_levels_table, latency_stats, run_interleaved,
-                          served_model_name)
+from bench_levels import (HttpTarget, Runner, format_levels_table, http_session, latency_stats, post_checked,
+                          run_interleaved, send_all)
 
 
 @dataclass(frozen=True)
@@ -50,32 +50,16 @@ def load_clips(paths: list[str]) -> list[Clip]:
 
 async def run_http_level(client: aiohttp.ClientSession, target: HttpTarget, model: str,
                          workload: list[Clip], concurrency: int) -> dict[str, Any]:
-    queue = list(reversed(workload))
-    latencies: list[float] = []
-    errors: list[str] = []
-    audio_seconds = 0.0
+    async def send(clip: Clip) -> str | None:
+        form = aiohttp.FormData()
+        form.add_field("file", clip.data, filename=clip.name)
+        for key, value in (("model", model), ("language", "en"), ("temperature", "0"), ("response_format", "json")):
+            form.add_field(key, value)
+        return await post_checked(client.post(f"{target.base_url}/v1/audio/transcriptions", data=form), b'"text"')
 
-    async def worker() -> None:
-        nonlocal audio_seconds
-        while queue:
-            clip = queue.pop()
-            form = aiohttp.FormData()
-            form.add_field("file", clip.data, filename=clip.name)
-            for key, value in (("model", model), ("language", "en"), ("temperature", "0"),
-                               ("response_format", "json")):
-                form.add_field(key, value)
-            started = time.perf_counter()
-            async with client.post(f"{target.base_url}/v1/audio/transcriptions", data=form) as response:
-                body = await response.read()
-                if response.status != 200 or b'"text"' not in body:
-                    errors.append(f"{response.status}: {body[:200]!r}")
-                    continue
-            latencies.append(time.perf_counter() - started)
-            audio_seconds += clip.seconds
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return _summary(target.name, concurrency, audio_seconds, time.perf_counter() - started, latencies, errors)
+    run = await send_all(workload, concurrency, send)
+    audio_seconds = sum(clip.seconds for clip in run.answered)
+    return _summary(target.name, concurrency, audio_seconds, run.duration_s, run.latencies, run.errors)
 
 
 def in_process_transcriber(model_dir: str) -> Callable[[list[Clip]], list[str]]:
@@ -124,9 +108,7 @@ async def run_speech_benchmark(targets: list[HttpTarget], audio_paths: list[str]
     clips = load_clips(audio_paths)
     workload = [clips[i % len(clips)] for i in range(num_requests)]
     transcribe = in_process_transcriber(in_process_dir) if in_process_dir else None
-    connector = aiohttp.TCPConnector(limit=max(concurrency_levels) + 8)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
-        models = {target.name: await served_model_name(client, target.base_url) for target in targets}
+    async with http_session(targets, concurrency_levels, timeout_s) as (client, models):
         if warmup:
             for target in targets:
                 await run_http_level(client, target, models[target.name], clips[:2], 2)

@@ -35,6 +35,7 @@
 #   LOG_DIR [${TMPDIR:-/tmp}], PYTHON, TP, API_SERVERS (as for launch_node.sh), HEALTH_TIMEOUT [900]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"  # -h/--help: print the comment above
+source "$(dirname "${BASH_SOURCE[0]}")/lib/launch_common.sh"  # count_gpus, quote
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NODE_SCRIPT="$REPO/scripts/launch_node.sh"
@@ -101,16 +102,6 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 export PYTHON
 
-# Words that need no quoting are printed as they are, the rest in single quotes: the printed lines can be
-# pasted into a shell (and split with Python's shlex).
-quote() {
-    local word out=()
-    for word in "$@"; do
-        if [[ "$word" =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then out+=("$word"); else out+=("'${word//\'/\'\\\'\'}'"); fi
-    done
-    echo "${out[*]}"
-}
-
 kv_transfer_config() {  # $1: kv_producer | kv_consumer -> the --kv-transfer-config JSON
     KV_ROLE="$1" KV_IP="$KV_IP" KV_CONNECTOR="$KV_CONNECTOR" KV_PORT="$PREFILL_KV_PORT" \
     KV_SHARED_PATH="$KV_SHARED_PATH" KV_EXTRA_CONFIG="${KV_EXTRA_CONFIG:-}" "$PYTHON" -c '
@@ -126,19 +117,6 @@ if extra:
 print(json.dumps(config, separators=(",", ":")))'
 }
 
-count_gpus() {  # the same rule as launch_node.sh
-    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
-        local devices="${CUDA_VISIBLE_DEVICES// /}"
-        if [[ -z "$devices" || "$devices" == -1* ]]; then echo 0; return; fi
-        local list
-        IFS=',' read -r -a list <<<"$devices"
-        echo "${#list[@]}"
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-    else
-        echo 0
-    fi
-}
 
 # INSTANCE_ENV / INSTANCE_FLAGS: what one instance of --role all adds to launch_node.sh's environment and
 # flags so that prefill and decode share the machine instead of each taking all of it.

@@ -24,6 +24,7 @@
 # is printed and the exit status is non-zero.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"  # -h/--help: print the comment above
+source "$(dirname "${BASH_SOURCE[0]}")/lib/launch_common.sh"  # count_gpus, quote
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -33,20 +34,6 @@ if [[ $# -gt 0 && "$1" != -* ]]; then
     shift
 fi
 
-count_gpus() {
-    # CUDA_VISIBLE_DEVICES wins when set: it is what the server will see ("" or -1 mean no GPU).
-    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
-        local devices="${CUDA_VISIBLE_DEVICES// /}"
-        if [[ -z "$devices" || "$devices" == -1* ]]; then echo 0; return; fi
-        local list
-        IFS=',' read -r -a list <<<"$devices"
-        echo "${#list[@]}"
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-    else
-        echo 0
-    fi
-}
 
 # GNU nproc answers OMP_NUM_THREADS when that is set; the machine's cores are wanted here.
 NUM_CORES="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
@@ -83,15 +70,7 @@ STOP_TIMEOUT="${STOP_TIMEOUT:-30}"
 
 COMMAND=("$PYTHON" -m conveyor serve "${MODEL[@]}" --host "$HOST" --port "$PORT" -tp "$TP"
          --api-server-count "$API_SERVERS" "$@")
-# Words that need no quoting are printed as they are, the rest in single quotes: the printed line can be
-# pasted into a shell (and split with Python's shlex).
-quote() {
-    local word out=()
-    for word in "$@"; do
-        if [[ "$word" =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then out+=("$word"); else out+=("'${word//\'/\'\\\'\'}'"); fi
-    done
-    echo "${out[*]}"
-}
+# The printed line can be pasted into a shell (and split with Python's shlex).
 SHOWN_ENV=(TOKENIZERS_PARALLELISM=false)
 [[ -n "${OMP_NUM_THREADS:-}" ]] && SHOWN_ENV+=("OMP_NUM_THREADS=$OMP_NUM_THREADS")
 [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]] && SHOWN_ENV+=("CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES")
