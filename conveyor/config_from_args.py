@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from engine_core.config import (CacheConfig, EngineConfig, FrontendConfig, ParallelConfig, SchedulerConfig,
-                                parse_byte_size, parse_json_object)
+from engine_core.config import (CacheConfig, EngineConfig, FrontendConfig, ModelConfig, ParallelConfig,
+                                SchedulerConfig, parse_byte_size, parse_json_object)
 
 
 def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
@@ -29,15 +29,29 @@ def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
 def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tuple[EngineConfig, FrontendConfig]:
     import importlib.util
 
-    from conveyor.model_source import resolve_model_config
-    from conveyor.serving_mode import ENCODER_DECODER_ARCHITECTURES
-
     if args.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
         raise SystemExit("--distributed-executor-backend ray needs Ray: pip install 'ray[serve]==2.60.0' "
                          "(the project's [ray] extra; `make install` includes it)")
     device = args.device
     if device == "auto":
         device = "cuda" if _cuda_visible() else "cpu"
+    model, is_encoder = _model_config(args, device)
+    engine = EngineConfig(
+        model=model,
+        cache=_cache_config(args, model, is_encoder),
+        scheduler=_scheduler_config(args, model, is_encoder),
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, device=device,
+                                data_parallel_size=args.data_parallel_size,
+                                distributed_executor_backend=args.distributed_executor_backend),
+        engine_address=engine_address,
+    )
+    return engine, frontend_config_from_args(args)
+
+
+def _model_config(args: argparse.Namespace, device: str) -> tuple[ModelConfig, bool]:
+    """The model's config from its folder and the flags, and whether it is an encoder (whole prompt at once)."""
+    from conveyor.model_source import resolve_model_config
+
     runner, convert = _runner_and_convert(args)
     try:
         model, mode = resolve_model_config(
@@ -50,31 +64,37 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
             score_template=args.score_template)
     except ValueError as exc:
         raise SystemExit(f"conveyor serve: {exc}") from None
-    chunked_prefill, prefix_caching = args.enable_chunked_prefill, args.enable_prefix_caching
+    return model, mode.is_encoder
+
+
+def _is_encoder_decoder(model: ModelConfig) -> bool:
+    from conveyor.serving_mode import ENCODER_DECODER_ARCHITECTURES
+
+    return model.architecture in ENCODER_DECODER_ARCHITECTURES
+
+
+def _cache_config(args: argparse.Namespace, model: ModelConfig, is_encoder: bool) -> CacheConfig:
+    # An encoder keeps no KV cache to share; an encoder-decoder's decoder KV depends on the audio, which block
+    # hashes do not cover.
+    prefix_caching = args.enable_prefix_caching and not is_encoder and not _is_encoder_decoder(model)
+    return CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                       kv_cache_memory_bytes=parse_byte_size(args.kv_cache_memory) if args.kv_cache_memory else None,
+                       enable_prefix_caching=prefix_caching,
+                       num_blocks_override=args.num_gpu_blocks_override, kv_transfer=args.kv_transfer_config)
+
+
+def _scheduler_config(args: argparse.Namespace, model: ModelConfig, is_encoder: bool) -> SchedulerConfig:
+    chunked_prefill = args.enable_chunked_prefill
     max_batched = args.max_num_batched_tokens or (2048 if chunked_prefill else model.max_model_len)
-    if mode.is_encoder:  # bidirectional attention over the whole prompt at once; no KV cache to share
-        chunked_prefill, prefix_caching = False, False
+    if is_encoder:  # bidirectional attention over the whole prompt at once
+        chunked_prefill = False
         max_batched = max(max_batched, model.max_model_len)
-    max_num_seqs = args.max_num_seqs or 256
-    if model.architecture in ENCODER_DECODER_ARCHITECTURES:
-        prefix_caching = False  # the decoder's KV depends on the audio, which block hashes do not cover
-        max_num_seqs = args.max_num_seqs or 64  # memory the KV budget does not count: 18-37 MB each for tiny/base
-    engine = EngineConfig(
-        model=model,
-        cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
-                          kv_cache_memory_bytes=parse_byte_size(args.kv_cache_memory) if args.kv_cache_memory else None,
-                          enable_prefix_caching=prefix_caching,
-                          num_blocks_override=args.num_gpu_blocks_override, kv_transfer=args.kv_transfer_config),
-        scheduler=SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=max_num_seqs,
-                                  max_model_len=model.max_model_len, policy=args.scheduling_policy,
-                                  enable_chunked_prefill=chunked_prefill,
-                                  pooling_tasks=model.pooler.tasks if model.pooler is not None else ()),
-        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, device=device,
-                                data_parallel_size=args.data_parallel_size,
-                                distributed_executor_backend=args.distributed_executor_backend),
-        engine_address=engine_address,
-    )
-    return engine, frontend_config_from_args(args)
+    # Encoder-decoder requests hold memory the KV budget does not count: 18-37 MB each for Whisper tiny/base.
+    max_num_seqs = args.max_num_seqs or (64 if _is_encoder_decoder(model) else 256)
+    return SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=max_num_seqs,
+                           max_model_len=model.max_model_len, policy=args.scheduling_policy,
+                           enable_chunked_prefill=chunked_prefill,
+                           pooling_tasks=model.pooler.tasks if model.pooler is not None else ())
 
 
 def _runner_and_convert(args: argparse.Namespace) -> tuple[str, str]:
