@@ -21,8 +21,8 @@ import time
 from typing import Any, Callable
 
 import aiohttp
-from bench_levels import (HttpTarget, Runner, format_levels_table, http_session, latency_stats, post_checked,
-                          run_interleaved, send_all)
+from bench_levels import (HttpTarget, Runner, format_levels_table, http_runners, http_session, latency_stats,
+                          post_checked, run_interleaved, send_all, warm_up)
 
 _WORDS = ("the a man woman child dog cat bird car train city river mountain house garden kitchen table book "
           "letter music song film game team player doctor teacher student market price water coffee bread food "
@@ -109,15 +109,12 @@ async def run_embeddings_benchmark(targets: list[HttpTarget], concurrency_levels
     encoder = in_process_encoder(in_process_dir) if in_process_dir else None
     async with http_session(targets, concurrency_levels, timeout_s) as (client, models):
         if warmup:
-            for target in targets:
-                await run_http_level(client, target, models[target.name], sentences[:8], 4)
+            await warm_up(client, targets, models, run_http_level, sentences[:8], 4)
             if encoder is not None:
                 encoder[1](sentences[:8], 8)
 
         def runners_for(concurrency: int) -> list[Runner]:
-            runners: list[Runner] = [
-                (lambda t=target: run_http_level(client, t, models[t.name], sentences, concurrency))
-                for target in targets]
+            runners = http_runners(client, targets, models, run_http_level, sentences, concurrency)
             if encoder is not None:
                 runners.append(lambda: asyncio.to_thread(run_in_process_level, encoder[0], encoder[1], sentences,
                                                          concurrency))

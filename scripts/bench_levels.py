@@ -89,6 +89,22 @@ async def post_checked(response_context: Any, must_contain: bytes) -> str | None
     return None
 
 
+HttpLevel = Callable[[aiohttp.ClientSession, HttpTarget, str, list[Any], int], Awaitable[dict[str, Any]]]
+
+
+def http_runners(client: aiohttp.ClientSession, targets: list[HttpTarget], models: dict[str, str],
+                 run_level: HttpLevel, items: list[Any], concurrency: int) -> list[Runner]:
+    """One runner per target: `run_level` on `items` at `concurrency`."""
+    return [(lambda target=target: run_level(client, target, models[target.name], items, concurrency))
+            for target in targets]
+
+
+async def warm_up(client: aiohttp.ClientSession, targets: list[HttpTarget], models: dict[str, str],
+                  run_level: HttpLevel, items: list[Any], concurrency: int) -> None:
+    for runner in http_runners(client, targets, models, run_level, items, concurrency):
+        await runner()
+
+
 def latency_stats(latencies_s: list[float]) -> dict[str, float | None]:
     """Mean, p50 and p99 in milliseconds (None without samples)."""
     ordered = sorted(latencies_s)

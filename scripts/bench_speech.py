@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
-from bench_levels import (HttpTarget, Runner, format_levels_table, http_session, latency_stats, post_checked,
-                          run_interleaved, send_all)
+from bench_levels import (HttpTarget, Runner, format_levels_table, http_runners, http_session, latency_stats,
+                          post_checked, run_interleaved, send_all, warm_up)
 
 
 @dataclass(frozen=True)
@@ -110,15 +110,12 @@ async def run_speech_benchmark(targets: list[HttpTarget], audio_paths: list[str]
     transcribe = in_process_transcriber(in_process_dir) if in_process_dir else None
     async with http_session(targets, concurrency_levels, timeout_s) as (client, models):
         if warmup:
-            for target in targets:
-                await run_http_level(client, target, models[target.name], clips[:2], 2)
+            await warm_up(client, targets, models, run_http_level, clips[:2], 2)
             if transcribe is not None:
                 transcribe(clips[:1])
 
         def runners_for(concurrency: int) -> list[Runner]:
-            runners: list[Runner] = [
-                (lambda t=target: run_http_level(client, t, models[t.name], workload, concurrency))
-                for target in targets]
+            runners = http_runners(client, targets, models, run_http_level, workload, concurrency)
             if transcribe is not None:
                 runners.append(lambda: asyncio.to_thread(run_in_process_level, transcribe, workload, concurrency))
             return runners
