@@ -3,9 +3,11 @@
 Decode steps multiply a few rows by every weight matrix; MKL's `F.linear` is far from memory-bound there.
 A weight reordered once at load time for oneDNN runs 2-5x faster for small batches and ~20% faster for
 prefill-sized ones (measured on this project's 2-core AVX-512 machine, float32). Elsewhere (CUDA, no oneDNN,
-half precision) layers keep plain `F.linear`.
+half precision, bfloat16 on a CPU without oneDNN's bfloat16 kernels, e.g. AVX2 only) layers keep plain `F.linear`.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +17,21 @@ _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 def can_prepack(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype in _PACKABLE_DTYPES and weight.dim() == 2
-            and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and _onednn_linear_available()
+            and (weight.dtype != torch.bfloat16 or _onednn_bf16_available()))
+
+
+@functools.cache
+def _onednn_linear_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+@functools.cache
+def _onednn_bf16_available() -> bool:
+    """oneDNN reorders bfloat16 weights only with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; it raises elsewhere."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
