@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from conveyor.serving_mode import ENCODER_DECODER_ARCHITECTURES
 from engine_core.config import (CacheConfig, EngineConfig, FrontendConfig, ModelConfig, ParallelConfig,
                                 SchedulerConfig, parse_byte_size, parse_json_object)
 
@@ -36,10 +37,11 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
     if device == "auto":
         device = "cuda" if _cuda_visible() else "cpu"
     model, is_encoder = _model_config(args, device)
+    is_encoder_decoder = model.architecture in ENCODER_DECODER_ARCHITECTURES
     engine = EngineConfig(
         model=model,
-        cache=_cache_config(args, model, is_encoder),
-        scheduler=_scheduler_config(args, model, is_encoder),
+        cache=_cache_config(args, is_encoder, is_encoder_decoder),
+        scheduler=_scheduler_config(args, model, is_encoder, is_encoder_decoder),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, device=device,
                                 data_parallel_size=args.data_parallel_size,
                                 distributed_executor_backend=args.distributed_executor_backend),
@@ -67,30 +69,25 @@ def _model_config(args: argparse.Namespace, device: str) -> tuple[ModelConfig, b
     return model, mode.is_encoder
 
 
-def _is_encoder_decoder(model: ModelConfig) -> bool:
-    from conveyor.serving_mode import ENCODER_DECODER_ARCHITECTURES
-
-    return model.architecture in ENCODER_DECODER_ARCHITECTURES
-
-
-def _cache_config(args: argparse.Namespace, model: ModelConfig, is_encoder: bool) -> CacheConfig:
+def _cache_config(args: argparse.Namespace, is_encoder: bool, is_encoder_decoder: bool) -> CacheConfig:
     # An encoder keeps no KV cache to share; an encoder-decoder's decoder KV depends on the audio, which block
     # hashes do not cover.
-    prefix_caching = args.enable_prefix_caching and not is_encoder and not _is_encoder_decoder(model)
+    prefix_caching = args.enable_prefix_caching and not is_encoder and not is_encoder_decoder
     return CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                        kv_cache_memory_bytes=parse_byte_size(args.kv_cache_memory) if args.kv_cache_memory else None,
                        enable_prefix_caching=prefix_caching,
                        num_blocks_override=args.num_gpu_blocks_override, kv_transfer=args.kv_transfer_config)
 
 
-def _scheduler_config(args: argparse.Namespace, model: ModelConfig, is_encoder: bool) -> SchedulerConfig:
+def _scheduler_config(args: argparse.Namespace, model: ModelConfig, is_encoder: bool,
+                      is_encoder_decoder: bool) -> SchedulerConfig:
     chunked_prefill = args.enable_chunked_prefill
     max_batched = args.max_num_batched_tokens or (2048 if chunked_prefill else model.max_model_len)
     if is_encoder:  # bidirectional attention over the whole prompt at once
         chunked_prefill = False
         max_batched = max(max_batched, model.max_model_len)
     # Encoder-decoder requests hold memory the KV budget does not count: 18-37 MB each for Whisper tiny/base.
-    max_num_seqs = args.max_num_seqs or (64 if _is_encoder_decoder(model) else 256)
+    max_num_seqs = args.max_num_seqs or (64 if is_encoder_decoder else 256)
     return SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=max_num_seqs,
                            max_model_len=model.max_model_len, policy=args.scheduling_policy,
                            enable_chunked_prefill=chunked_prefill,

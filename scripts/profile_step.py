@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -38,6 +40,7 @@ LAYER_KINDS = {
     "down_proj": "linear: down", "input_layernorm": "rmsnorm", "post_attention_layernorm": "rmsnorm",
     "norm": "rmsnorm",
 }
+_ENCODER = msgspec.msgpack.Encoder()
 PHASES = ("schedule", "wire: step to workers", "worker: update states", "worker: prepare inputs", "forward",
           "logits", "sample", "wire: result to core", "update_from_output", "wire: outputs to frontends")
 
@@ -119,12 +122,10 @@ def instrument(runner: Any, timer: PhaseTimer) -> Iterator[None]:
 
 def one_step(scheduler: Any, runner: Any, timer: PhaseTimer) -> int:
     """One engine step as the core and rank 0 run it, the wire included; returns the tokens it generated."""
-    import msgspec
-
     from engine_core.protocol import (EngineCoreOutputs, core_to_worker_decoder, engine_outputs_decoder,
                                       worker_to_core_decoder)
 
-    encoder = msgspec.msgpack.Encoder()
+    encoder = _ENCODER
     with timer.phase("schedule"):
         step = scheduler.schedule()
     with timer.phase("wire: step to workers"):

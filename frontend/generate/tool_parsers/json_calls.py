@@ -258,22 +258,16 @@ class JsonCallSequence(ToolOutputProcessor):
     # Each step reads from self._position in its state; True: go on (state or position moved), False: wait for
     # more text.
 
-    def _next_char(self, final: bool, on_end: int | None) -> int | None:
-        """Index of the next non-space character; None at the end of the text, where the final call falls back
-        to content from index `on_end` (-1: from the end of the text; None: the rest is content, no fallback)."""
+    def _next_char(self) -> int | None:
+        """Index of the next non-space character; None at the end of the text (so far)."""
         first = skip_whitespace(self.text, self._position)
-        if first < len(self.text):
-            return first
-        if final:
-            if on_end is None:
-                self._position, self._state = first, "content"
-            else:
-                self._fallback(on_end if on_end >= 0 else first)
-        return None
+        return first if first < len(self.text) else None
 
     def _at_start(self, final: bool) -> bool:
-        first = self._next_char(final, on_end=0)
+        first = self._next_char()
         if first is None:
+            if final:
+                self._fallback(0)
             return final
         rest = self.text[first:]
         prefix = next((marker for marker in self.prefixes if rest.startswith(marker)), None)
@@ -286,8 +280,10 @@ class JsonCallSequence(ToolOutputProcessor):
         return True
 
     def _at_opener(self, final: bool) -> bool:
-        first = self._next_char(final, on_end=0)
+        first = self._next_char()
         if first is None:
+            if final:
+                self._fallback(0)
             return final
         if self.opener:
             if self.text[first] != self.opener:
@@ -303,8 +299,10 @@ class JsonCallSequence(ToolOutputProcessor):
         return True
 
     def _expect_object(self, final: bool) -> bool:
-        first = self._next_char(final, on_end=-1)
+        first = self._next_char()
         if first is None:
+            if final:
+                self._fallback(len(self.text))
             return final
         if self.text[first] == "{":
             self._call = JsonCallStream(self, first, self.require_arguments)
@@ -334,8 +332,10 @@ class JsonCallSequence(ToolOutputProcessor):
         return True
 
     def _after_object(self, final: bool) -> bool:
-        first = self._next_char(final, on_end=None)
+        first = self._next_char()
         if first is None:
+            if final:
+                self._position, self._state = len(self.text), "content"
             return final
         if self.text[first] == self.separator:
             self._position, self._state = first + 1, "expect_object"
