@@ -13,6 +13,9 @@ gathers). Requests with query_len > 1 run one SDPA call each; all query_len == 1
 batched SDPA call with a padding mask. On CPU, half-precision attention is computed in float32: torch's CPU
 SDPA kernels are several times slower in bfloat16 on machines without native bf16 matmul.
 
+In float32 on CPU the fused kernels (`workers.kernels.cpu`) take the cache write and the decode attention: the
+decode kernel reads each request's blocks where they lie, so there is neither the gathered copy nor padding.
+
 KV cache per layer: `[2, num_blocks, block_size, num_kv_heads, head_dim]` (0 = keys, 1 = values); token at
 position p of a request lives in slot `block_ids[p // block_size] * block_size + p % block_size`.
 """
@@ -23,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from workers.kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -50,6 +55,7 @@ class AttentionMetadata:
     decode_token_indices: torch.Tensor | None = None  # [num_decodes] rows of the flattened batch
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_decode_blocks] int64, padding -> 0
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_decode_blocks * block_size] bool
+    decode_seq_lens: torch.Tensor | None = None  # [num_decodes] int64 context length, the new token included
     all_decode: bool = False  # every request has query_len == 1: decode output is the whole batch, in order
 
     @property
@@ -112,6 +118,7 @@ def _add_decodes(metadata: AttentionMetadata, query_lens: list[int], seq_lens: l
         [metadata.query_start_loc[i] for i in decode_reqs], dtype=torch.int64).to(device)  # [D]
     metadata.decode_block_tables = table[decode_reqs, :max_blocks].to(device)  # [D, max_blocks]
     metadata.decode_mask = valid[:, None, None, :].to(device)  # [D, 1, 1, max_len]
+    metadata.decode_seq_lens = decode_seq_lens.to(device)
 
 
 class Attention(nn.Module):
@@ -126,17 +133,20 @@ class Attention(nn.Module):
         """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim].
 
         Writes k/v into `kv_cache` (skipped when the cache is empty, as in a profiling run)."""
-        if kv_cache.numel() > 0:
+        fused = cpu_kernels.enabled(q, k, v, kv_cache) and kv_cache.numel() > 0
+        if fused:
+            cpu_kernels.write_kv_cache(kv_cache, k, v, metadata.slot_mapping)
+        elif kv_cache.numel() > 0:
             kv_cache[0].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, metadata.slot_mapping, k)
             kv_cache[1].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, metadata.slot_mapping, v)
         if metadata.all_decode:
-            return self._decode(q, kv_cache, metadata).flatten(1)  # [T, H * hd]
+            return self._decode(q, kv_cache, metadata, fused).flatten(1)  # [T, H * hd]
         out = torch.empty_like(q)  # [T, H, hd]
         for span in metadata.prefills:
             out[span.token_start:span.token_end] = self._prefill(q, k, v, kv_cache, span)
         if metadata.decode_token_indices is not None:
             q_decode = q.index_select(0, metadata.decode_token_indices)  # [D, H, hd]
-            out.index_copy_(0, metadata.decode_token_indices, self._decode(q_decode, kv_cache, metadata))
+            out.index_copy_(0, metadata.decode_token_indices, self._decode(q_decode, kv_cache, metadata, fused))
         return out.flatten(1)  # [T, H * hd]
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -151,9 +161,12 @@ class Attention(nn.Module):
                     span.mask, self.scale)  # [1, H, q, hd]
         return out[0].transpose(0, 1)  # [q, H, hd]
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        block_tables, mask = metadata.decode_block_tables, metadata.decode_mask
-        assert block_tables is not None and mask is not None
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                fused: bool) -> torch.Tensor:
+        block_tables, mask, seq_lens = metadata.decode_block_tables, metadata.decode_mask, metadata.decode_seq_lens
+        assert block_tables is not None and mask is not None and seq_lens is not None
+        if fused:  # reads each request's blocks in place: no gathered copy, no padding
+            return cpu_kernels.paged_decode_attention(q, kv_cache, block_tables, seq_lens, self.scale)  # [D, H, hd]
         num_decodes = block_tables.shape[0]
         block_ids = block_tables.flatten()  # [D * max_blocks]
         k_ctx, v_ctx = (_gather_blocks(kv_cache[i], block_ids).view(num_decodes, -1, self.num_kv_heads, self.head_dim)

@@ -36,6 +36,7 @@ from engine_core.protocol import (KVConnectorOutput, ModelRunnerOutput, NewReque
                                   SchedulerOutput, TokenLogprobs)
 from workers.attention import AttentionMetadata, build_attention_metadata
 from workers.encoder_decoder.requests import EncoderDecoderRequests
+from workers.kernels import cpu as cpu_kernels
 from workers.kv_cache_alloc import allocate_kv_caches, kv_cache_bytes_per_block
 from workers.kv_connector.base import KVConnectorWorker
 from workers.layers.pooler import PoolingError, pool
@@ -113,6 +114,8 @@ class ModelRunner:
         self.dtype = _DTYPES[model_config.dtype]
         self.block_size = cache_config.block_size
         self.hf_config = load_hf_config(model_config.model)
+        if device.type == "cpu" and self.dtype == torch.float32:
+            cpu_kernels.library()  # build (once per machine) or load the fused kernels now, not in the first step
         self.model = build_model(self.hf_config, model_config.model, self.dtype, device, tp_rank, tp_size,
                                  model_config.runner, model_config.convert)
         self.is_pooling = model_config.runner == "pooling"

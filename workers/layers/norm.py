@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from workers.kernels import cpu as cpu_kernels
+
 
 class RMSNorm(nn.Module):
     """Normalizes in float32 and casts back before the weight multiply, exactly as Hugging Face Llama does."""
@@ -17,7 +19,14 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without `residual`: norm(x). With it: (norm(x + residual), x + residual), the sum being the next
-        residual stream."""
+        residual stream; the fused CPU kernel computes both in place, in x's and residual's storage, so callers
+        must not read either afterwards."""
+        if cpu_kernels.enabled(x, self.weight):
+            if residual is None:
+                return cpu_kernels.rms_norm(x, self.weight, self.eps)
+            if x.is_contiguous() and residual.is_contiguous():
+                cpu_kernels.fused_add_rms_norm_(x, residual, self.weight, self.eps)
+                return x, residual
         if residual is not None:
             x = x + residual  # [num_tokens, hidden]
             residual = x

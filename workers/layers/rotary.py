@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.kernels import cpu as cpu_kernels
+
 
 def rope_config(hf_config: Any) -> tuple[float, dict[str, Any]]:
     """(rope_theta, scaling parameters incl. 'rope_type') from a transformers 5 (`rope_parameters`) or an older
@@ -51,7 +53,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim] -> rotated copies."""
+        """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim] -> rotated q and k: the
+        same tensors rotated in place by the fused CPU kernel, copies otherwise."""
+        if cpu_kernels.enabled(q, k, self.cos_sin_cache) and q.stride(-1) == k.stride(-1) == 1:
+            cpu_kernels.rotary_neox_(q, k, positions, self.cos_sin_cache)
+            return q, k
         cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)  # [T, 1, hd/2] each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -1,0 +1,168 @@
+"""Fused float32 CPU kernels (cpu_kernels.cpp): built once per machine, loaded with ctypes, wrapped for tensors.
+
+The library is compiled with the system C++ compiler for the CPU it runs on (`-march=native`) and cached under
+`$CONVEYOR_CACHE/kernels` (default ~/.cache/conveyor), keyed by the source, the compiler and the CPU's flags, so a
+restart or a second worker loads it in milliseconds. Without a compiler, or with `CONVEYOR_CPU_KERNELS=0`, every
+caller keeps its torch ops: the kernels are a fast path, never a requirement.
+
+Callers check `enabled(*tensors)` (CPU, float32, library loaded) before calling a kernel; the kernels trust the
+shapes they are given, so each wrapper asserts the layout it needs.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("conveyor.kernels")
+
+DISABLE_ENV = "CONVEYOR_CPU_KERNELS"  # "0" keeps every layer on plain torch ops
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
+_BUILD_TIMEOUT_S = 300
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "rms_norm_f32": [_P, _P, _P, _I, _I, _I, _F],
+    "fused_add_rms_norm_f32": [_P, _P, _P, _I, _I, _F],
+    "rotary_neox_f32": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I],
+    "silu_and_mul_f32": [_P, _P, _I, _I],
+    "write_kv_cache_f32": [_P, _P, _P, _P, _P, _I, _I, _I, _I],
+    "paged_decode_attention_f32": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F],
+}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CONVEYOR_CACHE", Path.home() / ".cache" / "conveyor")) / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\n".join([_SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_flags()]).encode())
+    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    logger.info("building the fused CPU kernels (once per machine) into %s", target.parent)
+    # Workers may build at the same moment: each writes its own file and renames it into place.
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], check=True, capture_output=True,
+                       text=True, timeout=_BUILD_TIMEOUT_S)
+        os.replace(built, target)
+    logger.info("built the fused CPU kernels in %.1f s", time.monotonic() - started)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (disabled, no compiler, or the build failed: logged once)."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        logger.info("%s=0: fused CPU kernels off, layers use torch ops", DISABLE_ENV)
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        logger.warning("no C++ compiler found: fused CPU kernels off, layers use torch ops (slower)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning("fused CPU kernels unavailable, layers use torch ops (slower): %s", str(detail)[-2000:])
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, None
+    return lib
+
+
+def enabled(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is a float32 CPU tensor and the kernels are loaded."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and library() is not None
+
+
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    assert lib is not None, "check enabled() before calling a kernel"
+    return lib
+
+
+def _rows_of(x: torch.Tensor) -> int:
+    """Row stride of a [rows, ...] tensor whose trailing dimensions are contiguous."""
+    assert x.stride(-1) == 1 and (x.dim() < 3 or x.stride(-2) == x.shape[-1]), "trailing dims must be contiguous"
+    return x.stride(0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [rows, hidden] -> weight * x / rms(x), a new contiguous tensor."""
+    rows, hidden = x.shape
+    out = torch.empty(rows, hidden, dtype=x.dtype)
+    _lib().rms_norm_f32(out.data_ptr(), x.data_ptr(), weight.data_ptr(), rows, hidden, _rows_of(x), eps)
+    return out
+
+
+def fused_add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """In place: residual += x, then x = rms_norm(residual). Both contiguous [rows, hidden]."""
+    assert x.is_contiguous() and residual.is_contiguous() and x.shape == residual.shape
+    rows, hidden = x.shape
+    _lib().fused_add_rms_norm_f32(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), rows, hidden, eps)
+
+
+def rotary_neox_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
+    """In place on q [T, Hq, hd] and k [T, Hk, hd] (token rows may be strided views of a fused qkv output)."""
+    tokens, num_q_heads, head_dim = q.shape
+    assert positions.dtype == torch.int64 and positions.is_contiguous() and cos_sin.is_contiguous()
+    _lib().rotary_neox_f32(q.data_ptr(), k.data_ptr(), positions.data_ptr(), cos_sin.data_ptr(), tokens,
+                           num_q_heads, k.shape[1], head_dim, _rows_of(q), _rows_of(k))
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 * d] contiguous -> silu(gate) * up, [T, d]."""
+    assert gate_up.is_contiguous()
+    tokens, width = gate_up.shape
+    out = torch.empty(tokens, width // 2, dtype=gate_up.dtype)
+    _lib().silu_and_mul_f32(out.data_ptr(), gate_up.data_ptr(), tokens, width // 2)
+    return out
+
+
+def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k/v [T, kvh, hd] into slots `slot_mapping` [T] of kv_cache [2, blocks, block_size, kvh, hd]."""
+    assert kv_cache.is_contiguous() and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+    row_size = k.shape[1] * k.shape[2]
+    _lib().write_kv_cache_f32(kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), k.data_ptr(), v.data_ptr(),
+                              slot_mapping.data_ptr(), k.shape[0], row_size, _rows_of(k), _rows_of(v))
+
+
+def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [D, H, hd] (one token per sequence) against each sequence's cached context -> [D, H, hd]."""
+    seqs, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    assert kv_cache.is_contiguous() and block_tables.is_contiguous() and seq_lens.is_contiguous()
+    assert block_tables.dtype == seq_lens.dtype == torch.int64 and num_heads % num_kv_heads == 0
+    out = torch.empty(seqs, num_heads, head_dim, dtype=q.dtype)
+    _lib().paged_decode_attention_f32(out.data_ptr(), q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+                                      block_tables.data_ptr(), seq_lens.data_ptr(), seqs, num_heads, num_kv_heads,
+                                      head_dim, block_size, block_tables.shape[1], _rows_of(q), scale)
+    return out

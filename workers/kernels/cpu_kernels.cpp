@@ -1,0 +1,198 @@
+// Fused float32 CPU kernels for the decoder layers (built by workers/kernels/build.py, called through ctypes).
+//
+// Each kernel replaces several torch ops whose intermediate tensors and per-op dispatch dominate a decode step
+// on CPU: RMSNorm with the residual add, rotary embedding in place, the paged KV-cache write, and decode
+// attention that reads K/V straight from the cache blocks (no gathered copy) with grouped query heads sharing
+// one pass over their KV head. The arithmetic follows the torch reference op by op (float32 throughout, no
+// FMA contraction: the build passes -ffp-contract=off) so results stay within a few ulps of it. The build also
+// passes -fno-trapping-math: without it GCC will not vectorize loops with comparisons (the exp clamps).
+//
+// Threads come from the OpenMP runtime torch already loaded (same libgomp soname), so torch.set_num_threads
+// governs these kernels too; small problems stay on the calling thread.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kParallelMinElements = 1 << 15;  // below this, thread start-up costs more than it saves
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// expf to about 2 ulp (Cephes polynomial on a ln2-reduced argument), written so that loops of it vectorize.
+inline float exp_approx(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
+  const float z = x * 1.44269504088896341f;
+  const int32_t n_int = static_cast<int32_t>(z + (z >= 0.f ? 0.5f : -0.5f));  // nearest integer
+  const float n = static_cast<float>(n_int);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  return y * __builtin_bit_cast(float, (n_int + 127) << 23);
+}
+
+inline void rms_norm_row(float* out, const float* x, const float* weight, int64_t hidden, float eps) {
+  float sum_sq = 0.f;
+#pragma omp simd reduction(+ : sum_sq)
+  for (int64_t i = 0; i < hidden; ++i) sum_sq += x[i] * x[i];
+  const float inv_rms = 1.0f / std::sqrt(sum_sq / static_cast<float>(hidden) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < hidden; ++i) out[i] = weight[i] * (x[i] * inv_rms);
+}
+
+}  // namespace
+
+extern "C" {
+
+// out[r] = weight * x[r] / rms(x[r]) for rows of a [rows, hidden] matrix (x rows `x_stride` floats apart).
+void rms_norm_f32(float* out, const float* x, const float* weight, int64_t rows, int64_t hidden, int64_t x_stride,
+                  float eps) {
+#pragma omp parallel for if (rows * hidden >= kParallelMinElements)
+  for (int64_t r = 0; r < rows; ++r) rms_norm_row(out + r * hidden, x + r * x_stride, weight, hidden, eps);
+}
+
+// In place, both contiguous [rows, hidden]: residual += x; x = rms_norm(residual) (the pre-norm layer pattern).
+void fused_add_rms_norm_f32(float* x, float* residual, const float* weight, int64_t rows, int64_t hidden,
+                            float eps) {
+#pragma omp parallel for if (rows * hidden >= kParallelMinElements)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* res = residual + r * hidden;
+    float* row = x + r * hidden;
+#pragma omp simd
+    for (int64_t i = 0; i < hidden; ++i) res[i] = row[i] + res[i];
+    rms_norm_row(row, res, weight, hidden, eps);
+  }
+}
+
+// GPT-NeoX ("rotate half") rotary embedding in place on q [tokens, num_q_heads, head_dim] and k [tokens,
+// num_k_heads, head_dim] (heads contiguous, token rows `q_stride`/`k_stride` floats apart). cos_sin: [positions,
+// head_dim] holding cos then sin of each frequency.
+void rotary_neox_f32(float* q, float* k, const int64_t* positions, const float* cos_sin, int64_t tokens,
+                     int64_t num_q_heads, int64_t num_k_heads, int64_t head_dim, int64_t q_stride,
+                     int64_t k_stride) {
+  const int64_t half = head_dim / 2;
+#pragma omp parallel for if (tokens * (num_q_heads + num_k_heads) * head_dim >= kParallelMinElements)
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* cos = cos_sin + positions[t] * head_dim;
+    const float* sin = cos + half;
+    for (int64_t h = 0; h < num_q_heads + num_k_heads; ++h) {
+      float* x = h < num_q_heads ? q + t * q_stride + h * head_dim : k + t * k_stride + (h - num_q_heads) * head_dim;
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * cos[i] - x2 * sin[i];
+        x[i + half] = x2 * cos[i] + x1 * sin[i];
+      }
+    }
+  }
+}
+
+// out [tokens, d] = silu(gate) * up for gate_up [tokens, 2 * d] (gate then up, as the fused projection emits).
+void silu_and_mul_f32(float* out, const float* gate_up, int64_t tokens, int64_t d) {
+#pragma omp parallel for if (tokens * d >= kParallelMinElements)
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* gate = gate_up + t * 2 * d;
+    const float* up = gate + d;
+    float* row = out + t * d;
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) row[i] = gate[i] / (1.0f + exp_approx(-gate[i])) * up[i];
+  }
+}
+
+// Writes each token's K and V ([tokens, kv_heads * head_dim] rows `k_stride`/`v_stride` floats apart) into
+// cache slot `slots[t]` of k_cache/v_cache ([slots, kv_heads * head_dim] contiguous).
+void write_kv_cache_f32(float* k_cache, float* v_cache, const float* k, const float* v, const int64_t* slots,
+                        int64_t tokens, int64_t row_size, int64_t k_stride, int64_t v_stride) {
+#pragma omp parallel for if (tokens * row_size >= kParallelMinElements)
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::memcpy(k_cache + slots[t] * row_size, k + t * k_stride, row_size * sizeof(float));
+    std::memcpy(v_cache + slots[t] * row_size, v + t * v_stride, row_size * sizeof(float));
+  }
+}
+
+// One query token per sequence against its paged context.
+//   out [seqs, num_heads, head_dim] contiguous; q [seqs, num_heads, head_dim], rows `q_stride` floats apart;
+//   k_cache/v_cache [blocks, block_size, num_kv_heads, head_dim]; block_tables [seqs, max_blocks];
+//   seq_lens [seqs] (tokens of context, the new one included).
+// A task is one sequence and a range of its KV heads: one pass over the keys scores every query head of the
+// range, then one softmax per head, then one pass over the values. With enough sequences to keep every thread
+// busy a task takes all KV heads, so each cached token row is read whole and once (memory order); with fewer,
+// tasks split by KV head.
+void paged_decode_attention_f32(float* out, const float* q, const float* k_cache, const float* v_cache,
+                                const int64_t* block_tables, const int64_t* seq_lens, int64_t seqs, int64_t num_heads,
+                                int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
+                                int64_t q_stride, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t token_stride = num_kv_heads * head_dim;
+  const int64_t block_stride = block_size * token_stride;
+  int64_t total_context = 0;
+  for (int64_t s = 0; s < seqs; ++s) total_context += seq_lens[s];
+  const bool parallel = total_context * num_heads * head_dim >= kParallelMinElements;
+  const int64_t heads_per_task = (parallel && seqs < omp_get_max_threads()) ? 1 : num_kv_heads;
+  const int64_t tasks_per_seq = num_kv_heads / heads_per_task;
+#pragma omp parallel if (parallel)
+  {
+    std::vector<float> scores;
+    std::vector<float> acc(num_heads * head_dim);
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < seqs * tasks_per_seq; ++task) {
+      const int64_t s = task / tasks_per_seq;
+      const int64_t first_kv_head = (task % tasks_per_seq) * heads_per_task;
+      const int64_t first_head = first_kv_head * group, task_heads = heads_per_task * group;
+      const int64_t context = seq_lens[s];
+      const int64_t* blocks = block_tables + s * max_blocks;
+      const float* q_task = q + s * q_stride + first_head * head_dim;
+      scores.resize(task_heads * context);
+      for (int64_t t = 0; t < context; ++t) {
+        const float* keys = k_cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride +
+                            first_kv_head * head_dim;
+        for (int64_t h = 0; h < task_heads; ++h)
+          scores[h * context + t] = dot(q_task + h * head_dim, keys + (h / group) * head_dim, head_dim) * scale;
+      }
+      for (int64_t h = 0; h < task_heads; ++h) {
+        float* row = scores.data() + h * context;
+        float max_score = -INFINITY;
+        for (int64_t t = 0; t < context; ++t) max_score = std::max(max_score, row[t]);
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < context; ++t) {
+          row[t] = exp_approx(row[t] - max_score);
+          total += row[t];
+        }
+        const float inv_total = 1.0f / total;
+#pragma omp simd
+        for (int64_t t = 0; t < context; ++t) row[t] *= inv_total;
+      }
+      std::fill(acc.begin(), acc.begin() + task_heads * head_dim, 0.f);
+      for (int64_t t = 0; t < context; ++t) {
+        const float* values = v_cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride +
+                              first_kv_head * head_dim;
+        for (int64_t h = 0; h < task_heads; ++h) {
+          const float p = scores[h * context + t];
+          const float* value = values + (h / group) * head_dim;
+          float* a = acc.data() + h * head_dim;
+#pragma omp simd
+          for (int64_t i = 0; i < head_dim; ++i) a[i] += p * value[i];
+        }
+      }
+      std::memcpy(out + (s * num_heads + first_head) * head_dim, acc.data(), task_heads * head_dim * sizeof(float));
+    }
+  }
+}
+
+}  // extern "C"
