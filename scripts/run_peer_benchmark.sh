@@ -29,6 +29,9 @@
 # Hugging Face folder (scripts/convert_ctranslate2_whisper.py, once); real-time factor at CONCURRENCY="1 8" over
 # NUM_REQUESTS=24 uploads of the clips in tests/data/audio (English).
 #
+# Peer `conveyor-torch-ops` is Conveyor with its fused CPU kernels off (CONVEYOR_CPU_KERNELS=0): the
+# before/after of the kernels in one run.
+#
 # Knobs (environment): BENCH=completions|embeddings|transcriptions PEERS="conveyor vllm llamacpp naive" MODE THREADS INPUT_LEN OUTPUT_LEN
 # CONCURRENCY="1 4 16" NUM_PROMPTS (default max(8, 2 x concurrency)) PEERS_DIR (default as for setup_peers.sh:
 # ${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/peers) MODEL_DIR GGUF OUT_DIR
@@ -72,7 +75,7 @@ OUT_DIR=${OUT_DIR:-$REPO_DIR/bench_results/$(date +%Y%m%d-%H%M%S)}
 CONVEYOR_ARGS=${CONVEYOR_ARGS:-}
 VLLM_ARGS=${VLLM_ARGS:-}
 
-declare -A PORT=([conveyor]=8100 [vllm]=8200 [llamacpp]=8300 [naive]=8400)
+declare -A PORT=([conveyor]=8100 [conveyor-torch-ops]=8150 [vllm]=8200 [llamacpp]=8300 [naive]=8400)
 declare -A PID=()
 mkdir -p "$OUT_DIR/logs"
 
@@ -117,9 +120,11 @@ EOF
 start_server() {
     local name=$1 port=${PORT[$1]} max_conc
     max_conc=$(tr ' ' '\n' <<<"$CONCURRENCY" | sort -n | tail -1)
-    local cmd=()
+    local cmd=() extra_env=()
     case $name in
-        conveyor) cmd=("$REPO_DIR/.venv/bin/conveyor" serve "$MODEL_DIR" --dtype float32 --host 127.0.0.1 --port "$port"
+        conveyor|conveyor-torch-ops)
+                  [[ $name == conveyor-torch-ops ]] && extra_env=(CONVEYOR_CPU_KERNELS=0)  # the fused kernels off
+                  cmd=("$REPO_DIR/.venv/bin/conveyor" serve "$MODEL_DIR" --dtype float32 --host 127.0.0.1 --port "$port"
                        $CONVEYOR_ARGS) ;;
         vllm) cmd=("$PEERS_DIR/vllm-venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$HF_MODEL_DIR"
                    --host 127.0.0.1 --port "$port" --dtype float32 --gpu-memory-utilization 0.3 $VLLM_ARGS) ;;
@@ -134,7 +139,7 @@ start_server() {
         return 1
     fi
     log "starting $name on port $port: ${cmd[*]}"
-    OMP_NUM_THREADS=$THREADS VLLM_CPU_OMP_THREADS_BIND=$VLLM_BIND TOKENIZERS_PARALLELISM=false \
+    env "${extra_env[@]}" OMP_NUM_THREADS=$THREADS VLLM_CPU_OMP_THREADS_BIND=$VLLM_BIND TOKENIZERS_PARALLELISM=false \
         setsid "${cmd[@]}" > "$OUT_DIR/logs/$name.log" 2>&1 < /dev/null &
     PID[$name]=$!
 }

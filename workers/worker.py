@@ -24,6 +24,7 @@ from engine_core.protocol import (InitializeCache, ModelRunnerOutput, SchedulerO
 if TYPE_CHECKING:  # torch loads only inside the worker process, after spawn
     import torch
 
+    from workers.distributed import tensor_parallel
     from workers.model_runner import ModelRunner
 
 logger = logging.getLogger("conveyor.worker")
@@ -85,6 +86,7 @@ def _start_runner(model_config: ModelConfig, cache_config: CacheConfig, parallel
                   rank: int, addresses: WorkerAddresses, device_index: int) -> ModelRunner:
     import torch
 
+    from workers.distributed import tensor_parallel
     from workers.model_runner import ModelRunner
     from workers.sampling.logits_processors import load_plugins
 
@@ -96,6 +98,7 @@ def _start_runner(model_config: ModelConfig, cache_config: CacheConfig, parallel
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, init_method=addresses.distributed_init_method,
                                              rank=rank, world_size=parallel_config.tensor_parallel_size)
+        tensor_parallel.init(rank, parallel_config.tensor_parallel_size, device)
     torch.manual_seed(model_config.seed)
     logger.info("loading %s on %s (dtype %s, %d threads)", model_config.model, device, model_config.dtype,
                 torch.get_num_threads())

@@ -131,9 +131,11 @@ def test_attention_metadata_layout() -> None:
     assert not metadata.all_decode
 
 
-def _tp_worker(rank: int, world_size: int, port: int, model_paths: list[str], out_dir: str) -> None:
+def _tp_worker(rank: int, world_size: int, port: int, model_paths: list[str], out_dir: str, transport: str) -> None:
     """One rank: prefill, then a step mixing a decode and a prefill; rank 0 saves the logits."""
     import torch.distributed as dist
+
+    from workers.distributed import tensor_parallel
 
     from workers.kv_cache_alloc import allocate_kv_caches
     from workers.loading.loader import load_hf_config
@@ -142,6 +144,9 @@ def _tp_worker(rank: int, world_size: int, port: int, model_paths: list[str], ou
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     cpu = torch.device("cpu")
+    if transport == "shm":
+        tensor_parallel.init(rank, world_size, cpu)
+        assert tensor_parallel._shm is not None, "ranks on one host share memory"
     for index, path in enumerate(model_paths):
         model = build_model(load_hf_config(path), path, torch.float32, cpu, rank, world_size)
         caches = allocate_kv_caches(model, 16, 4, torch.float32, cpu)
@@ -153,13 +158,15 @@ def _tp_worker(rank: int, world_size: int, port: int, model_paths: list[str], ou
             step_ids = torch.cat([token_ids[:1], token_ids[:5]])  # [6]
             logits.append(model.compute_logits(model(step_ids, second.positions, caches, second)))
         if rank == 0:
-            torch.save(logits, os.path.join(out_dir, f"tp{world_size}-{index}.pt"))
+            torch.save(logits, os.path.join(out_dir, f"tp{world_size}-{transport}-{index}.pt"))
     dist.barrier()  # leave together, then skip teardown: gloo's destructors can SIGABRT a rank whose peer
     os._exit(0)  # exits first (seen about 1 run in 6 even after the barrier); the results are already saved
 
 
-def test_tensor_parallel_two_ranks_match_one(tiny_models: Path, tmp_path: Path) -> None:
-    """Column/row-parallel linears, vocab-parallel embedding (tied for Llama) and LM head over gloo."""
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
+def test_tensor_parallel_two_ranks_match_one(tiny_models: Path, tmp_path: Path, transport: str) -> None:
+    """Column/row-parallel linears, vocab-parallel embedding (tied for Llama) and LM head, collectives over gloo
+    or shared memory (workers/distributed)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -169,8 +176,10 @@ def test_tensor_parallel_two_ranks_match_one(tiny_models: Path, tmp_path: Path) 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        mp.spawn(_tp_worker, args=(world_size, port, paths, str(tmp_path)), nprocs=world_size)
+        mp.spawn(_tp_worker, args=(world_size, port, paths, str(tmp_path), transport if world_size > 1 else "none"),
+                 nprocs=world_size)
     for index in range(len(paths)):
-        single, sharded = torch.load(tmp_path / f"tp1-{index}.pt"), torch.load(tmp_path / f"tp2-{index}.pt")
+        single = torch.load(tmp_path / f"tp1-none-{index}.pt")
+        sharded = torch.load(tmp_path / f"tp2-{transport}-{index}.pt")
         for expected, got in zip(single, sharded):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

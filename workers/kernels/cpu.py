@@ -1,4 +1,5 @@
-"""Fused float32 CPU kernels (cpu_kernels.cpp): built once per machine, loaded with ctypes, wrapped for tensors.
+"""Fused float32 CPU kernels (cpu_kernels.cpp) and shared-memory collectives (shm_collectives.cpp): built once per
+machine into one library, loaded with ctypes, wrapped for tensors (the collectives by workers/distributed).
 
 The library is compiled with the system C++ compiler for the CPU it runs on (`-march=native`) and cached under
 `$CONVEYOR_CACHE/kernels` (default ~/.cache/conveyor), keyed by the source, the compiler and the CPU's flags, so a
@@ -27,7 +28,7 @@ import torch
 logger = logging.getLogger("conveyor.kernels")
 
 DISABLE_ENV = "CONVEYOR_CPU_KERNELS"  # "0" keeps every layer on plain torch ops
-_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "shm_collectives.cpp")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
 _BUILD_TIMEOUT_S = 300
 
@@ -39,7 +40,10 @@ _SIGNATURES = {
     "silu_and_mul_f32": [_P, _P, _I, _I],
     "write_kv_cache_f32": [_P, _P, _P, _P, _P, _I, _I, _I, _I],
     "paged_decode_attention_f32": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F],
+    "shm_all_reduce_f32": [_P, _I, _I, _I, _I, _P, _I],
+    "shm_all_gather": [_P, _I, _I, _I, _I, _P, _P, _I],
 }
+_RETURNS_INT = {"shm_all_reduce_f32", "shm_all_gather"}
 
 
 def _cpu_flags() -> str:
@@ -58,7 +62,8 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\n".join([_SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_flags()]).encode())
+    sources = [source.read_text() for source in _SOURCES]
+    key = hashlib.sha256("\n".join([*sources, version, " ".join(_FLAGS), _cpu_flags()]).encode())
     target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -68,7 +73,7 @@ def _build(compiler: str) -> Path:
     # Workers may build at the same moment: each writes its own file and renames it into place.
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], check=True, capture_output=True,
+        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built)], check=True, capture_output=True,
                        text=True, timeout=_BUILD_TIMEOUT_S)
         os.replace(built, target)
     logger.info("built the fused CPU kernels in %.1f s", time.monotonic() - started)
@@ -93,7 +98,7 @@ def library() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, None
+        function.argtypes, function.restype = argtypes, (_I if name in _RETURNS_INT else None)
     return lib
 
 

@@ -34,6 +34,13 @@ def _onednn_bf16_available() -> bool:
     return bool(check()) if check is not None else False
 
 
+def native_bf16_cpu() -> bool:
+    """True when this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere bfloat16 is converted on the
+    fly and runs slower than float32."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe is not None and bool(probe()) for probe in probes)
+
+
 def prepack(weight: torch.Tensor) -> torch.Tensor:
     """The same [out, in] matrix in oneDNN's layout: only `packed_linear` may read it afterwards."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)

@@ -7,11 +7,11 @@ slice of the logits and all-gathers them.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import workers.layers.cpu_gemm as cpu_gemm
+from workers.distributed import tensor_parallel
+from workers.layers import cpu_gemm
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -30,7 +30,7 @@ class VocabParallelEmbedding(nn.Module):
         owned = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)  # [num_tokens]
         local_ids = (input_ids - self.vocab_start) * owned  # [num_tokens]; ids owned elsewhere read row 0
         out = F.embedding(local_ids, self.weight) * owned.unsqueeze(-1).to(self.weight.dtype)  # [num_tokens, hidden]
-        dist.all_reduce(out)
+        tensor_parallel.all_reduce(out)
         return out
 
     def load_weight(self, param_name: str, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
@@ -52,7 +52,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = cpu_gemm.linear(hidden, self.weight, self.packed_weight)  # [n, rows_per_rank]
         if self.tp_size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            dist.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)  # [n, rows_per_rank * tp_size]
+            logits = tensor_parallel.all_gather_last_dim(logits)  # [n, rows_per_rank * tp_size]
         return logits[:, : self.num_embeddings].float()  # [n, vocab]

@@ -11,10 +11,10 @@ model runs one large matmul instead of three or two small ones.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-import workers.layers.cpu_gemm as cpu_gemm
+from workers.distributed import tensor_parallel
+from workers.layers import cpu_gemm
 
 
 def divide(numerator: int, denominator: int) -> int:
@@ -127,7 +127,7 @@ class RowParallelLinear(_ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = cpu_gemm.linear(x, self.weight, self.packed_weight)  # [num_tokens, output_size]; partial when tp > 1
         if self.tp_size > 1:
-            dist.all_reduce(out)
+            tensor_parallel.all_reduce(out)
         return out if self.bias is None else out + self.bias
 
     def load_weight(self, param_name: str, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
