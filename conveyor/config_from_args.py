@@ -73,7 +73,7 @@ def _cache_config(args: argparse.Namespace, is_encoder: bool, is_encoder_decoder
     # An encoder keeps no KV cache to share; an encoder-decoder's decoder KV depends on the audio, which block
     # hashes do not cover.
     prefix_caching = args.enable_prefix_caching and not is_encoder and not is_encoder_decoder
-    return CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+    return CacheConfig(block_size=args.block_size, cache_dtype=args.kv_cache_dtype, gpu_memory_utilization=args.gpu_memory_utilization,
                        kv_cache_memory_bytes=parse_byte_size(args.kv_cache_memory) if args.kv_cache_memory else None,
                        enable_prefix_caching=prefix_caching,
                        num_blocks_override=args.num_gpu_blocks_override, kv_transfer=args.kv_transfer_config)

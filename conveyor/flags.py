@@ -79,6 +79,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                       help="dtype of the KV cache: auto = the model's dtype; bfloat16 halves a float32 model's "
+                            "KV memory (keys and values rounded to bfloat16)")
     group.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory", default=None,
                        help="KV cache size on CPU, e.g. 2GiB (default: 4GiB, or 40%% of free RAM if less)")
     group.add_argument("--gpu-memory-utilization", type=float, default=0.9)

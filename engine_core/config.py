@@ -129,6 +129,7 @@ class KVTransferConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
+    cache_dtype: str = "auto"  # --kv-cache-dtype: "auto" (the model's dtype) | "float32" | "bfloat16" | "float16"
     kv_cache_memory_bytes: int | None = None  # CPU: None = 4 GiB, or 40% of free RAM if less
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + activations + KV
     enable_prefix_caching: bool = True

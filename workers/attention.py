@@ -137,8 +137,9 @@ class Attention(nn.Module):
         if fused:
             cpu_kernels.write_kv_cache(kv_cache, k, v, metadata.slot_mapping)
         elif kv_cache.numel() > 0:
-            kv_cache[0].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, metadata.slot_mapping, k)
-            kv_cache[1].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, metadata.slot_mapping, v)
+            for i, new in ((0, k), (1, v)):  # the cache may hold another dtype (--kv-cache-dtype)
+                kv_cache[i].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, metadata.slot_mapping,
+                                                                                   new.to(kv_cache.dtype))
         if metadata.all_decode:
             return self._decode(q, kv_cache, metadata, fused).flatten(1)  # [T, H * hd]
         out = torch.empty_like(q)  # [T, H, hd]
@@ -187,8 +188,10 @@ def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
           scale: float) -> torch.Tensor:
-    """SDPA with grouped KV heads; causal when `mask` is None. Half precision on CPU runs in float32."""
+    """SDPA with grouped KV heads; causal when `mask` is None. Half precision on CPU runs in float32; keys and
+    values read from a cache of another dtype are cast to the queries' dtype."""
     dtype = q.dtype
+    k, v = k.to(dtype), v.to(dtype)
     if q.device.type == "cpu" and dtype != torch.float32:
         q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,

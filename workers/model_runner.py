@@ -113,6 +113,9 @@ class ModelRunner:
         if model_config.dtype not in _DTYPES:
             raise ValueError(f"dtype {model_config.dtype!r} is not one of {sorted(_DTYPES)}")
         self.dtype = _DTYPES[model_config.dtype]
+        if cache_config.cache_dtype != "auto" and cache_config.cache_dtype not in _DTYPES:
+            raise ValueError(f"kv cache dtype {cache_config.cache_dtype!r} is not auto or one of {sorted(_DTYPES)}")
+        self.kv_cache_dtype = self.dtype if cache_config.cache_dtype == "auto" else _DTYPES[cache_config.cache_dtype]
         self.block_size = cache_config.block_size
         self.hf_config = load_hf_config(model_config.model)
         if device.type == "cpu" and self.dtype == torch.float32:
@@ -145,7 +148,7 @@ class ModelRunner:
             return self.cache_config.num_blocks_override
         if not self.uses_kv_cache:  # an encoder: blocks are the scheduler's bookkeeping, backed by no memory
             return _CPU_DEFAULT_MAX_SEQS * -(-self.model_config.max_model_len // self.block_size)
-        bytes_per_block = kv_cache_bytes_per_block(self.model, self.block_size, self.dtype)
+        bytes_per_block = kv_cache_bytes_per_block(self.model, self.block_size, self.kv_cache_dtype)
         if self.device.type == "cuda":
             budget = self._cuda_kv_budget()
         elif self.cache_config.kv_cache_memory_bytes:
@@ -180,7 +183,7 @@ class ModelRunner:
         num_tokens = min(self.model_config.max_model_len, _PROFILE_MAX_TOKENS)
         num_blocks = -(-num_tokens // self.block_size)
         empty = [torch.empty((2, 0, self.block_size, self.model.num_kv_heads, self.model.head_dim),
-                             dtype=self.dtype, device=self.device) for _ in range(self.model.num_layers)]
+                             dtype=self.kv_cache_dtype, device=self.device) for _ in range(self.model.num_layers)]
         metadata = build_attention_metadata([num_tokens], [num_tokens], [list(range(num_blocks))],
                                             self.block_size, self.device)
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)  # [num_tokens]
@@ -193,10 +196,10 @@ class ModelRunner:
     def initialize_cache(self, num_blocks: int) -> None:
         """Allocate the KV cache (the core sends the block count agreed by all ranks); empty for an encoder."""
         if not self.uses_kv_cache:
-            self.kv_caches = [torch.empty(0, dtype=self.dtype, device=self.device)
+            self.kv_caches = [torch.empty(0, dtype=self.kv_cache_dtype, device=self.device)
                               for _ in range(self.model.num_layers)]
             return
-        self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size, self.dtype, self.device)
+        self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size, self.kv_cache_dtype, self.device)
 
     # ------------------------------------------------------------------ one step
 

@@ -107,10 +107,10 @@ class RunnerDriver:
 
 
 def make_runner(model_path: str, block_size: int = 16, num_blocks: int = 256, dtype: str = "float32",
-                max_model_len: int = 512) -> tuple[ModelRunner, RunnerDriver]:
+                max_model_len: int = 512, kv_cache_dtype: str = "auto") -> tuple[ModelRunner, RunnerDriver]:
     model_config = ModelConfig(model=model_path, served_model_name="test", tokenizer_dir=model_path,
                                architecture="", dtype=dtype, max_model_len=max_model_len)
-    cache_config = CacheConfig(block_size=block_size, num_blocks_override=num_blocks)
+    cache_config = CacheConfig(block_size=block_size, cache_dtype=kv_cache_dtype, num_blocks_override=num_blocks)
     runner = ModelRunner(model_config, cache_config, torch.device("cpu"))
     runner.initialize_cache(runner.determine_num_blocks())
     return runner, RunnerDriver(runner, num_blocks)

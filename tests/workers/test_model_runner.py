@@ -100,6 +100,32 @@ def test_bfloat16_runs(llama_path: str) -> None:
     assert len(driver.requests["x"].output_token_ids) == 3
 
 
+def test_bfloat16_kv_cache_under_a_float32_model(llama_path: str) -> None:
+    """--kv-cache-dtype bfloat16: half the bytes per block; the keys and values are rounded, so the logprobs
+    move a little, and the same request gives the same tokens alone and batched."""
+    runner, driver = make_runner(llama_path, block_size=4, num_blocks=64, kv_cache_dtype="bfloat16")
+    assert runner.kv_caches[0].dtype == torch.bfloat16 and runner.dtype == torch.float32
+    assert kv_cache_bytes_per_block(runner.model, 4, runner.kv_cache_dtype) * 2 == kv_cache_bytes_per_block(
+        runner.model, 4, torch.float32)
+    _, full = make_runner(llama_path, block_size=4, num_blocks=64)
+    for d in (driver, full):
+        for seed in range(3):
+            d.add(f"r{seed}", prompt_ids(10, seed))
+        d.generate([f"r{seed}" for seed in range(3)], 6, chunk=4)
+    _, alone = make_runner(llama_path, block_size=4, num_blocks=64, kv_cache_dtype="bfloat16")
+    alone.add("r0", prompt_ids(10, 0))
+    alone.generate(["r0"], 6)
+    assert alone.requests["r0"].output_token_ids == driver.requests["r0"].output_token_ids
+    for seed in range(3):
+        got, ref = driver.requests[f"r{seed}"], full.requests[f"r{seed}"]
+        agreeing = 0
+        while agreeing < 6 and got.output_token_ids[agreeing] == ref.output_token_ids[agreeing]:
+            agreeing += 1
+        assert agreeing >= 1  # the first token comes from the prefill, before any cached key is read
+        for a, b in zip(got.output_logprobs[:agreeing], ref.output_logprobs[:agreeing]):
+            assert abs(a - b) < 0.05
+
+
 def test_kv_cache_sizing(llama_path: str) -> None:
     runner, _ = make_runner(llama_path, block_size=16, num_blocks=10)
     assert runner.determine_num_blocks() == 10  # the override wins

@@ -303,6 +303,15 @@ def test_real_minilm_matches_transformers() -> None:
     assert abs(float(ours[0] @ ours[1]) - 0.7553) <= 5e-4
 
 
+def test_real_minilm_in_bfloat16_stays_close_to_float32_transformers() -> None:
+    path = minilm_dir()
+    requests = {f"s{i}": (ids_of(path, text), PoolingParams()) for i, text in enumerate(SENTENCES)}
+    pooler = PoolerConfig(pooling_type="MEAN", normalize=True, embedding_size=384)
+    results = pooled(requests, make_runner(path, pooler, max_model_len=256, dtype="bfloat16"))
+    ours = torch.stack([results[f"s{i}"] for i in range(len(SENTENCES))])  # [10, 384]
+    assert F.cosine_similarity(ours, hf_mean_pooled(path, SENTENCES), dim=-1).min() >= 0.999
+
+
 # --------------------------------------------------------------------------- decoders
 
 
