@@ -147,8 +147,8 @@ class Executor:
         if config.cache.num_blocks_override:
             num_blocks = config.cache.num_blocks_override
         self._broadcast(InitializeCache(num_blocks=num_blocks))
-        logger.info("%d worker(s) ready on %s; %d KV blocks of %d tokens", self._tp_size, ready[0].device,
-                    num_blocks, config.cache.block_size)
+        logger.info("%d worker(s) ready on %s; %d KV blocks of %d tokens (%s)", self._tp_size, ready[0].device,
+                    num_blocks, config.cache.block_size, ready[0].kv_cache_dtype)
         return num_blocks
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

@@ -383,6 +383,7 @@ class WorkerReady(msgspec.Struct, tag="ready", **_WIRE):
     rank: int
     num_blocks: int  # how many KV blocks this rank can hold; the core takes the minimum over ranks
     device: str
+    kv_cache_dtype: str = ""  # the resolved --kv-cache-dtype, e.g. "float32"
     logits_processors: list[str] = []  # names registered in workers.sampling.logits_processors (frontends validate against)
 
 

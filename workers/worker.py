@@ -60,7 +60,9 @@ def run_worker(model_config: ModelConfig, cache_config: CacheConfig, parallel_co
         from workers.sampling.logits_processors import registered_names
 
         results.send(encoder.encode(WorkerReady(rank=rank, num_blocks=runner.determine_num_blocks(),
-                                                device=str(runner.device), logits_processors=registered_names())))
+                                                device=str(runner.device),
+                                                kv_cache_dtype=str(runner.kv_cache_dtype).removeprefix("torch."),
+                                                logits_processors=registered_names())))
         steps = context.socket(zmq.PULL)
         steps.connect(addresses.input_address)
         _serve(runner, steps, results, encoder, rank, cache_config, parallel_config)
