@@ -10,6 +10,9 @@
 // Threads come from the OpenMP runtime torch already loaded (same libgomp soname), so torch.set_num_threads
 // governs these kernels too; small problems stay on the calling thread.
 #include <omp.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -27,6 +30,23 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
   return acc;
 }
+
+#if defined(__AVX2__)
+// Scores of one query head against four key rows at once: four independent accumulation chains hide the add
+// latency that a single dot product waits on, and one shuffle tree reduces all four (n: a multiple of 8).
+inline __m128 dot4(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    a0 = _mm256_add_ps(a0, _mm256_mul_ps(qv, _mm256_loadu_ps(k0 + i)));
+    a1 = _mm256_add_ps(a1, _mm256_mul_ps(qv, _mm256_loadu_ps(k1 + i)));
+    a2 = _mm256_add_ps(a2, _mm256_mul_ps(qv, _mm256_loadu_ps(k2 + i)));
+    a3 = _mm256_add_ps(a3, _mm256_mul_ps(qv, _mm256_loadu_ps(k3 + i)));
+  }
+  const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));  // [a0, a1, a2, a3] summed
+}
+#endif
 
 // expf to about 2 ulp (Cephes polynomial on a ln2-reduced argument), written so that loops of it vectorize.
 inline float exp_approx(float x) {
@@ -158,7 +178,24 @@ void paged_decode_attention_f32(float* out, const float* q, const float* k_cache
       const int64_t* blocks = block_tables + s * max_blocks;
       const float* q_task = q + s * q_stride + first_head * head_dim;
       scores.resize(task_heads * context);
-      for (int64_t t = 0; t < context; ++t) {
+      int64_t t = 0;
+#if defined(__AVX2__)
+      if (head_dim % 8 == 0) {
+        for (; t + 4 <= context; t += 4) {
+          const float* keys[4];
+          for (int64_t j = 0; j < 4; ++j)
+            keys[j] = k_cache + blocks[(t + j) / block_size] * block_stride + ((t + j) % block_size) * token_stride +
+                      first_kv_head * head_dim;
+          for (int64_t h = 0; h < task_heads; ++h) {
+            const int64_t offset = (h / group) * head_dim;
+            const __m128 dots = dot4(q_task + h * head_dim, keys[0] + offset, keys[1] + offset, keys[2] + offset,
+                                     keys[3] + offset, head_dim);
+            _mm_storeu_ps(scores.data() + h * context + t, _mm_mul_ps(dots, _mm_set1_ps(scale)));
+          }
+        }
+      }
+#endif
+      for (; t < context; ++t) {
         const float* keys = k_cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride +
                             first_kv_head * head_dim;
         for (int64_t h = 0; h < task_heads; ++h)
@@ -179,7 +216,25 @@ void paged_decode_attention_f32(float* out, const float* q, const float* k_cache
         for (int64_t t = 0; t < context; ++t) row[t] *= inv_total;
       }
       std::fill(acc.begin(), acc.begin() + task_heads * head_dim, 0.f);
-      for (int64_t t = 0; t < context; ++t) {
+      // Four value rows per pass over the accumulators (the same additions in the same order as one row at a
+      // time, a quarter of the accumulator loads and stores).
+      for (t = 0; t + 4 <= context; t += 4) {
+        const float* values[4];
+        for (int64_t j = 0; j < 4; ++j)
+          values[j] = v_cache + blocks[(t + j) / block_size] * block_stride + ((t + j) % block_size) * token_stride +
+                      first_kv_head * head_dim;
+        for (int64_t h = 0; h < task_heads; ++h) {
+          const float* p = scores.data() + h * context + t;
+          const int64_t offset = (h / group) * head_dim;
+          const float *v0 = values[0] + offset, *v1 = values[1] + offset, *v2 = values[2] + offset,
+                      *v3 = values[3] + offset;
+          float* a = acc.data() + h * head_dim;
+#pragma omp simd
+          for (int64_t i = 0; i < head_dim; ++i)
+            a[i] = (((a[i] + p[0] * v0[i]) + p[1] * v1[i]) + p[2] * v2[i]) + p[3] * v3[i];
+        }
+      }
+      for (; t < context; ++t) {
         const float* values = v_cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride +
                               first_kv_head * head_dim;
         for (int64_t h = 0; h < task_heads; ++h) {
