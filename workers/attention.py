@@ -133,7 +133,7 @@ class Attention(nn.Module):
         """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim].
 
         Writes k/v into `kv_cache` (skipped when the cache is empty, as in a profiling run)."""
-        fused = cpu_kernels.enabled(q, k, v, kv_cache) and kv_cache.numel() > 0
+        fused = cpu_kernels.enabled(q, k, v) and cpu_kernels.cache_enabled(kv_cache) and kv_cache.numel() > 0
         if fused:
             cpu_kernels.write_kv_cache(kv_cache, k, v, metadata.slot_mapping)
         elif kv_cache.numel() > 0:

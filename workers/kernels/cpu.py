@@ -39,7 +39,9 @@ _SIGNATURES = {
     "rotary_neox_f32": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I],
     "silu_and_mul_f32": [_P, _P, _I, _I],
     "write_kv_cache_f32": [_P, _P, _P, _P, _P, _I, _I, _I, _I],
+    "write_kv_cache_bf16": [_P, _P, _P, _P, _P, _I, _I, _I, _I],
     "paged_decode_attention_f32": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F],
+    "paged_decode_attention_bf16": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F],
     "shm_all_reduce_f32": [_P, _I, _I, _I, _I, _P, _I],
     "shm_all_gather": [_P, _I, _I, _I, _I, _P, _P, _I],
 }
@@ -107,6 +109,14 @@ def enabled(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and library() is not None
 
 
+def cache_enabled(kv_cache: torch.Tensor) -> bool:
+    """True when the cache kernels can write and read `kv_cache` (CPU, float32 or bfloat16 elements)."""
+    return kv_cache.device.type == "cpu" and kv_cache.dtype in _CACHE_SUFFIX and library() is not None
+
+
+_CACHE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
 def _lib() -> ctypes.CDLL:
     lib = library()
     assert lib is not None, "check enabled() before calling a kernel"
@@ -155,8 +165,9 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
     """k/v [T, kvh, hd] into slots `slot_mapping` [T] of kv_cache [2, blocks, block_size, kvh, hd]."""
     assert kv_cache.is_contiguous() and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
     row_size = k.shape[1] * k.shape[2]
-    _lib().write_kv_cache_f32(kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), k.data_ptr(), v.data_ptr(),
-                              slot_mapping.data_ptr(), k.shape[0], row_size, _rows_of(k), _rows_of(v))
+    write = getattr(_lib(), f"write_kv_cache_{_CACHE_SUFFIX[kv_cache.dtype]}")
+    write(kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), k.data_ptr(), v.data_ptr(), slot_mapping.data_ptr(),
+          k.shape[0], row_size, _rows_of(k), _rows_of(v))
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -167,7 +178,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     assert kv_cache.is_contiguous() and block_tables.is_contiguous() and seq_lens.is_contiguous()
     assert block_tables.dtype == seq_lens.dtype == torch.int64 and num_heads % num_kv_heads == 0
     out = torch.empty(seqs, num_heads, head_dim, dtype=q.dtype)
-    _lib().paged_decode_attention_f32(out.data_ptr(), q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
-                                      block_tables.data_ptr(), seq_lens.data_ptr(), seqs, num_heads, num_kv_heads,
-                                      head_dim, block_size, block_tables.shape[1], _rows_of(q), scale)
+    attend = getattr(_lib(), f"paged_decode_attention_{_CACHE_SUFFIX[kv_cache.dtype]}")
+    attend(out.data_ptr(), q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
+           seq_lens.data_ptr(), seqs, num_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1],
+           _rows_of(q), scale)
     return out

@@ -24,24 +24,48 @@ namespace {
 
 constexpr int64_t kParallelMinElements = 1 << 15;  // below this, thread start-up costs more than it saves
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// The KV cache holds float32 or bfloat16 (uint16_t: the high half of a float32); kernels read either as float32.
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
+
+// float32 -> bfloat16 rounding to nearest even, as torch's .to(torch.bfloat16) does (NaN stays a quiet NaN).
+inline uint16_t to_bfloat16(float x) {
+  if (x != x) return 0x7FC0;
+  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline void store_row(float* out, const float* x, int64_t n) { std::memcpy(out, x, n * sizeof(float)); }
+inline void store_row(uint16_t* out, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = to_bfloat16(x[i]);
+}
+
+template <typename Cache>
+inline float dot(const float* a, const Cache* b, int64_t n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * to_float(b[i]);
   return acc;
 }
 
 #if defined(__AVX2__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i widened = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(widened, 16));
+}
+
 // Scores of one query head against four key rows at once: four independent accumulation chains hide the add
 // latency that a single dot product waits on, and one shuffle tree reduces all four (n: a multiple of 8).
-inline __m128 dot4(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, int64_t n) {
+template <typename Cache>
+inline __m128 dot4(const float* q, const Cache* k0, const Cache* k1, const Cache* k2, const Cache* k3, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) {
     const __m256 qv = _mm256_loadu_ps(q + i);
-    a0 = _mm256_add_ps(a0, _mm256_mul_ps(qv, _mm256_loadu_ps(k0 + i)));
-    a1 = _mm256_add_ps(a1, _mm256_mul_ps(qv, _mm256_loadu_ps(k1 + i)));
-    a2 = _mm256_add_ps(a2, _mm256_mul_ps(qv, _mm256_loadu_ps(k2 + i)));
-    a3 = _mm256_add_ps(a3, _mm256_mul_ps(qv, _mm256_loadu_ps(k3 + i)));
+    a0 = _mm256_add_ps(a0, _mm256_mul_ps(qv, load8(k0 + i)));
+    a1 = _mm256_add_ps(a1, _mm256_mul_ps(qv, load8(k1 + i)));
+    a2 = _mm256_add_ps(a2, _mm256_mul_ps(qv, load8(k2 + i)));
+    a3 = _mm256_add_ps(a3, _mm256_mul_ps(qv, load8(k3 + i)));
   }
   const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));  // [a0, a1, a2, a3] summed
@@ -74,6 +98,126 @@ inline void rms_norm_row(float* out, const float* x, const float* weight, int64_
 #pragma omp simd
   for (int64_t i = 0; i < hidden; ++i) out[i] = weight[i] * (x[i] * inv_rms);
 }
+
+// Writes each token's K and V ([tokens, kv_heads * head_dim] rows `k_stride`/`v_stride` floats apart) into
+// cache slot `slots[t]` of k_cache/v_cache ([slots, kv_heads * head_dim] contiguous).
+template <typename Cache>
+void write_kv_cache(Cache* k_cache, Cache* v_cache, const float* k, const float* v, const int64_t* slots,
+                    int64_t tokens, int64_t row_size, int64_t k_stride, int64_t v_stride) {
+#pragma omp parallel for if (tokens * row_size >= kParallelMinElements)
+  for (int64_t t = 0; t < tokens; ++t) {
+    store_row(k_cache + slots[t] * row_size, k + t * k_stride, row_size);
+    store_row(v_cache + slots[t] * row_size, v + t * v_stride, row_size);
+  }
+}
+
+// One query token per sequence against its paged context.
+//   out [seqs, num_heads, head_dim] contiguous; q [seqs, num_heads, head_dim], rows `q_stride` floats apart;
+//   k_cache/v_cache [blocks, block_size, num_kv_heads, head_dim]; block_tables [seqs, max_blocks];
+//   seq_lens [seqs] (tokens of context, the new one included).
+// A task is one sequence and a range of its KV heads: one pass over the keys scores every query head of the
+// range, then one softmax per head, then one pass over the values. With enough sequences to keep every thread
+// busy a task takes all KV heads, so each cached token row is read whole and once (memory order); with fewer,
+// tasks split by KV head.
+template <typename Cache>
+void paged_decode_attention(float* out, const float* q, const Cache* k_cache, const Cache* v_cache,
+                            const int64_t* block_tables, const int64_t* seq_lens, int64_t seqs, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
+                            int64_t q_stride, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t token_stride = num_kv_heads * head_dim;
+  const int64_t block_stride = block_size * token_stride;
+  int64_t total_context = 0;
+  for (int64_t s = 0; s < seqs; ++s) total_context += seq_lens[s];
+  const bool parallel = total_context * num_heads * head_dim >= kParallelMinElements;
+  const int64_t heads_per_task = (parallel && seqs < omp_get_max_threads()) ? 1 : num_kv_heads;
+  const int64_t tasks_per_seq = num_kv_heads / heads_per_task;
+#pragma omp parallel if (parallel)
+  {
+    std::vector<float> scores;
+    std::vector<float> acc(num_heads * head_dim);
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < seqs * tasks_per_seq; ++task) {
+      const int64_t s = task / tasks_per_seq;
+      const int64_t first_kv_head = (task % tasks_per_seq) * heads_per_task;
+      const int64_t first_head = first_kv_head * group, task_heads = heads_per_task * group;
+      const int64_t context = seq_lens[s];
+      const int64_t* blocks = block_tables + s * max_blocks;
+      const float* q_task = q + s * q_stride + first_head * head_dim;
+      scores.resize(task_heads * context);
+      int64_t t = 0;
+#if defined(__AVX2__)
+      if (head_dim % 8 == 0) {
+        for (; t + 4 <= context; t += 4) {
+          const Cache* keys[4];
+          for (int64_t j = 0; j < 4; ++j)
+            keys[j] = k_cache + blocks[(t + j) / block_size] * block_stride + ((t + j) % block_size) * token_stride +
+                      first_kv_head * head_dim;
+          for (int64_t h = 0; h < task_heads; ++h) {
+            const int64_t offset = (h / group) * head_dim;
+            const __m128 dots = dot4(q_task + h * head_dim, keys[0] + offset, keys[1] + offset, keys[2] + offset,
+                                     keys[3] + offset, head_dim);
+            _mm_storeu_ps(scores.data() + h * context + t, _mm_mul_ps(dots, _mm_set1_ps(scale)));
+          }
+        }
+      }
+#endif
+      for (; t < context; ++t) {
+        const Cache* keys = k_cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride +
+                            first_kv_head * head_dim;
+        for (int64_t h = 0; h < task_heads; ++h)
+          scores[h * context + t] = dot(q_task + h * head_dim, keys + (h / group) * head_dim, head_dim) * scale;
+      }
+      for (int64_t h = 0; h < task_heads; ++h) {
+        float* row = scores.data() + h * context;
+        float max_score = -INFINITY;
+        for (int64_t t = 0; t < context; ++t) max_score = std::max(max_score, row[t]);
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < context; ++t) {
+          row[t] = exp_approx(row[t] - max_score);
+          total += row[t];
+        }
+        const float inv_total = 1.0f / total;
+#pragma omp simd
+        for (int64_t t = 0; t < context; ++t) row[t] *= inv_total;
+      }
+      std::fill(acc.begin(), acc.begin() + task_heads * head_dim, 0.f);
+      // Four value rows per pass over the accumulators (the same additions in the same order as one row at a
+      // time, a quarter of the accumulator loads and stores).
+      for (t = 0; t + 4 <= context; t += 4) {
+        const Cache* values[4];
+        for (int64_t j = 0; j < 4; ++j)
+          values[j] = v_cache + blocks[(t + j) / block_size] * block_stride + ((t + j) % block_size) * token_stride +
+                      first_kv_head * head_dim;
+        for (int64_t h = 0; h < task_heads; ++h) {
+          const float* p = scores.data() + h * context + t;
+          const int64_t offset = (h / group) * head_dim;
+          const Cache *v0 = values[0] + offset, *v1 = values[1] + offset, *v2 = values[2] + offset,
+                      *v3 = values[3] + offset;
+          float* a = acc.data() + h * head_dim;
+#pragma omp simd
+          for (int64_t i = 0; i < head_dim; ++i)
+            a[i] = (((a[i] + p[0] * to_float(v0[i])) + p[1] * to_float(v1[i])) + p[2] * to_float(v2[i])) +
+                   p[3] * to_float(v3[i]);
+        }
+      }
+      for (; t < context; ++t) {
+        const Cache* values = v_cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride +
+                              first_kv_head * head_dim;
+        for (int64_t h = 0; h < task_heads; ++h) {
+          const float p = scores[h * context + t];
+          const Cache* value = values + (h / group) * head_dim;
+          float* a = acc.data() + h * head_dim;
+#pragma omp simd
+          for (int64_t i = 0; i < head_dim; ++i) a[i] += p * to_float(value[i]);
+        }
+      }
+      std::memcpy(out + (s * num_heads + first_head) * head_dim, acc.data(), task_heads * head_dim * sizeof(float));
+    }
+  }
+}
+
 
 }  // namespace
 
@@ -134,120 +278,30 @@ void silu_and_mul_f32(float* out, const float* gate_up, int64_t tokens, int64_t 
   }
 }
 
-// Writes each token's K and V ([tokens, kv_heads * head_dim] rows `k_stride`/`v_stride` floats apart) into
-// cache slot `slots[t]` of k_cache/v_cache ([slots, kv_heads * head_dim] contiguous).
 void write_kv_cache_f32(float* k_cache, float* v_cache, const float* k, const float* v, const int64_t* slots,
                         int64_t tokens, int64_t row_size, int64_t k_stride, int64_t v_stride) {
-#pragma omp parallel for if (tokens * row_size >= kParallelMinElements)
-  for (int64_t t = 0; t < tokens; ++t) {
-    std::memcpy(k_cache + slots[t] * row_size, k + t * k_stride, row_size * sizeof(float));
-    std::memcpy(v_cache + slots[t] * row_size, v + t * v_stride, row_size * sizeof(float));
-  }
+  write_kv_cache(k_cache, v_cache, k, v, slots, tokens, row_size, k_stride, v_stride);
 }
 
-// One query token per sequence against its paged context.
-//   out [seqs, num_heads, head_dim] contiguous; q [seqs, num_heads, head_dim], rows `q_stride` floats apart;
-//   k_cache/v_cache [blocks, block_size, num_kv_heads, head_dim]; block_tables [seqs, max_blocks];
-//   seq_lens [seqs] (tokens of context, the new one included).
-// A task is one sequence and a range of its KV heads: one pass over the keys scores every query head of the
-// range, then one softmax per head, then one pass over the values. With enough sequences to keep every thread
-// busy a task takes all KV heads, so each cached token row is read whole and once (memory order); with fewer,
-// tasks split by KV head.
+void write_kv_cache_bf16(uint16_t* k_cache, uint16_t* v_cache, const float* k, const float* v, const int64_t* slots,
+                         int64_t tokens, int64_t row_size, int64_t k_stride, int64_t v_stride) {
+  write_kv_cache(k_cache, v_cache, k, v, slots, tokens, row_size, k_stride, v_stride);
+}
+
 void paged_decode_attention_f32(float* out, const float* q, const float* k_cache, const float* v_cache,
                                 const int64_t* block_tables, const int64_t* seq_lens, int64_t seqs, int64_t num_heads,
                                 int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
                                 int64_t q_stride, float scale) {
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t token_stride = num_kv_heads * head_dim;
-  const int64_t block_stride = block_size * token_stride;
-  int64_t total_context = 0;
-  for (int64_t s = 0; s < seqs; ++s) total_context += seq_lens[s];
-  const bool parallel = total_context * num_heads * head_dim >= kParallelMinElements;
-  const int64_t heads_per_task = (parallel && seqs < omp_get_max_threads()) ? 1 : num_kv_heads;
-  const int64_t tasks_per_seq = num_kv_heads / heads_per_task;
-#pragma omp parallel if (parallel)
-  {
-    std::vector<float> scores;
-    std::vector<float> acc(num_heads * head_dim);
-#pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < seqs * tasks_per_seq; ++task) {
-      const int64_t s = task / tasks_per_seq;
-      const int64_t first_kv_head = (task % tasks_per_seq) * heads_per_task;
-      const int64_t first_head = first_kv_head * group, task_heads = heads_per_task * group;
-      const int64_t context = seq_lens[s];
-      const int64_t* blocks = block_tables + s * max_blocks;
-      const float* q_task = q + s * q_stride + first_head * head_dim;
-      scores.resize(task_heads * context);
-      int64_t t = 0;
-#if defined(__AVX2__)
-      if (head_dim % 8 == 0) {
-        for (; t + 4 <= context; t += 4) {
-          const float* keys[4];
-          for (int64_t j = 0; j < 4; ++j)
-            keys[j] = k_cache + blocks[(t + j) / block_size] * block_stride + ((t + j) % block_size) * token_stride +
-                      first_kv_head * head_dim;
-          for (int64_t h = 0; h < task_heads; ++h) {
-            const int64_t offset = (h / group) * head_dim;
-            const __m128 dots = dot4(q_task + h * head_dim, keys[0] + offset, keys[1] + offset, keys[2] + offset,
-                                     keys[3] + offset, head_dim);
-            _mm_storeu_ps(scores.data() + h * context + t, _mm_mul_ps(dots, _mm_set1_ps(scale)));
-          }
-        }
-      }
-#endif
-      for (; t < context; ++t) {
-        const float* keys = k_cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride +
-                            first_kv_head * head_dim;
-        for (int64_t h = 0; h < task_heads; ++h)
-          scores[h * context + t] = dot(q_task + h * head_dim, keys + (h / group) * head_dim, head_dim) * scale;
-      }
-      for (int64_t h = 0; h < task_heads; ++h) {
-        float* row = scores.data() + h * context;
-        float max_score = -INFINITY;
-        for (int64_t t = 0; t < context; ++t) max_score = std::max(max_score, row[t]);
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t t = 0; t < context; ++t) {
-          row[t] = exp_approx(row[t] - max_score);
-          total += row[t];
-        }
-        const float inv_total = 1.0f / total;
-#pragma omp simd
-        for (int64_t t = 0; t < context; ++t) row[t] *= inv_total;
-      }
-      std::fill(acc.begin(), acc.begin() + task_heads * head_dim, 0.f);
-      // Four value rows per pass over the accumulators (the same additions in the same order as one row at a
-      // time, a quarter of the accumulator loads and stores).
-      for (t = 0; t + 4 <= context; t += 4) {
-        const float* values[4];
-        for (int64_t j = 0; j < 4; ++j)
-          values[j] = v_cache + blocks[(t + j) / block_size] * block_stride + ((t + j) % block_size) * token_stride +
-                      first_kv_head * head_dim;
-        for (int64_t h = 0; h < task_heads; ++h) {
-          const float* p = scores.data() + h * context + t;
-          const int64_t offset = (h / group) * head_dim;
-          const float *v0 = values[0] + offset, *v1 = values[1] + offset, *v2 = values[2] + offset,
-                      *v3 = values[3] + offset;
-          float* a = acc.data() + h * head_dim;
-#pragma omp simd
-          for (int64_t i = 0; i < head_dim; ++i)
-            a[i] = (((a[i] + p[0] * v0[i]) + p[1] * v1[i]) + p[2] * v2[i]) + p[3] * v3[i];
-        }
-      }
-      for (; t < context; ++t) {
-        const float* values = v_cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride +
-                              first_kv_head * head_dim;
-        for (int64_t h = 0; h < task_heads; ++h) {
-          const float p = scores[h * context + t];
-          const float* value = values + (h / group) * head_dim;
-          float* a = acc.data() + h * head_dim;
-#pragma omp simd
-          for (int64_t i = 0; i < head_dim; ++i) a[i] += p * value[i];
-        }
-      }
-      std::memcpy(out + (s * num_heads + first_head) * head_dim, acc.data(), task_heads * head_dim * sizeof(float));
-    }
-  }
+  paged_decode_attention(out, q, k_cache, v_cache, block_tables, seq_lens, seqs, num_heads, num_kv_heads, head_dim,
+                         block_size, max_blocks, q_stride, scale);
+}
+
+void paged_decode_attention_bf16(float* out, const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                                 const int64_t* block_tables, const int64_t* seq_lens, int64_t seqs, int64_t num_heads,
+                                 int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
+                                 int64_t q_stride, float scale) {
+  paged_decode_attention(out, q, k_cache, v_cache, block_tables, seq_lens, seqs, num_heads, num_kv_heads, head_dim,
+                         block_size, max_blocks, q_stride, scale);
 }
 
 }  // extern "C"

@@ -85,18 +85,20 @@ def test_silu_and_mul(tokens: int) -> None:
     _close(SiluAndMul()(gate_up), F.silu(gate) * up)
 
 
-def test_kv_cache_write_from_strided_views() -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_write_from_strided_views(cache_dtype: torch.dtype) -> None:
+    """float32 rows copied; into a bfloat16 cache rounded exactly as torch's .to(torch.bfloat16) rounds."""
     torch.manual_seed(0)
     tokens, kv_heads, head_dim, num_blocks, block_size = 5, 2, 16, 4, 4
-    kv_cache = torch.zeros(2, num_blocks, block_size, kv_heads, head_dim)
+    kv_cache = torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=cache_dtype)
     kv = torch.randn(tokens, 3 * kv_heads * head_dim)
     k = kv[:, : kv_heads * head_dim].view(tokens, kv_heads, head_dim)
     v = kv[:, kv_heads * head_dim: 2 * kv_heads * head_dim].view(tokens, kv_heads, head_dim)
     slots = torch.tensor([9, 0, 15, 3, 4])
     cpu_kernels.write_kv_cache(kv_cache, k, v, slots)
     expected = torch.zeros_like(kv_cache)
-    expected[0].view(-1, kv_heads, head_dim)[slots] = k
-    expected[1].view(-1, kv_heads, head_dim)[slots] = v
+    expected[0].view(-1, kv_heads, head_dim)[slots] = k.to(cache_dtype)
+    expected[1].view(-1, kv_heads, head_dim)[slots] = v.to(cache_dtype)
     assert torch.equal(kv_cache, expected)
 
 
@@ -114,14 +116,17 @@ def _reference_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: lis
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seq_lens,num_heads,num_kv_heads", [
     ([1], 4, 4), ([37], 9, 3), ([5, 16, 17, 100], 8, 2), ([60] * 3 + [1, 250], 6, 1), ([33] * 20, 9, 3)])
-def test_paged_decode_attention(seq_lens: list[int], num_heads: int, num_kv_heads: int) -> None:
+def test_paged_decode_attention(seq_lens: list[int], num_heads: int, num_kv_heads: int,
+                                cache_dtype: torch.dtype) -> None:
     """Ragged lengths, partial last blocks, shuffled block ids, GQA groups 1-6, fewer and more sequences than
-    threads (the kernel splits tasks by KV head in the first case)."""
+    threads (the kernel splits tasks by KV head in the first case); a bfloat16 cache is read as the float32
+    values it holds."""
     torch.manual_seed(len(seq_lens) * num_heads)
     head_dim, block_size, num_blocks = 32, 16, 64
-    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim)
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype)
     free = torch.randperm(num_blocks).tolist()
     block_tables = [[free.pop() for _ in range(-(-n // block_size))] for n in seq_lens]
     width = max(len(blocks) for blocks in block_tables)
@@ -129,26 +134,29 @@ def test_paged_decode_attention(seq_lens: list[int], num_heads: int, num_kv_head
     q = torch.randn(len(seq_lens), num_heads + 2 * num_kv_heads, head_dim)[:, :num_heads]  # strided rows
     scale = head_dim**-0.5
     out = cpu_kernels.paged_decode_attention(q, kv_cache, table, torch.tensor(seq_lens), scale)
-    expected = _reference_decode(q, kv_cache, block_tables, seq_lens, scale)
+    expected = _reference_decode(q, kv_cache.float(), block_tables, seq_lens, scale)
     torch.testing.assert_close(out, expected, rtol=0, atol=ATTENTION_ATOL)
 
 
-def test_attention_layer_decode_matches_its_torch_path() -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_attention_layer_decode_matches_its_torch_path(cache_dtype: torch.dtype) -> None:
     """The layer with the kernels (cache write + decode) against the same layer with CONVEYOR_CPU_KERNELS=0's
-    path (index_copy_ + gathered SDPA), on a batch mixing a prefill and decodes."""
+    path (index_copy_ + gathered SDPA), on a batch mixing a prefill and decodes, with a float32 or a bfloat16
+    cache (--kv-cache-dtype)."""
     torch.manual_seed(3)
     num_heads, num_kv_heads, head_dim, block_size = 6, 2, 16, 4
     query_lens, seq_lens = [3, 1, 1], [3, 9, 6]
     block_tables = [[0], [1, 2, 3], [4, 5]]
     metadata = build_attention_metadata(query_lens, seq_lens, block_tables, block_size, torch.device("cpu"))
     attention = Attention(num_heads, head_dim, num_kv_heads, scale=head_dim**-0.5)
-    cache = torch.randn(2, 6, block_size, num_kv_heads, head_dim)
+    cache = torch.randn(2, 6, block_size, num_kv_heads, head_dim).to(cache_dtype)
     q, k, v = torch.randn(5, num_heads, head_dim), torch.randn(5, num_kv_heads, head_dim), torch.randn(5, num_kv_heads, head_dim)
     fused_cache = cache.clone()
     fused = attention(q, k, v, fused_cache, metadata)
-    reference_cache = cache.clone().to(torch.float64)  # float64 takes the torch path
+    # float64 queries take the torch path (a float32 cache is widened too; a bfloat16 one stays bfloat16)
+    reference_cache = cache.clone().to(torch.float64 if cache_dtype == torch.float32 else cache_dtype)
     reference = attention(q.double(), k.double(), v.double(), reference_cache, metadata)
-    torch.testing.assert_close(fused_cache, reference_cache.float(), rtol=0, atol=0)
+    torch.testing.assert_close(fused_cache, reference_cache.to(cache_dtype), rtol=0, atol=0)
     torch.testing.assert_close(fused, reference.float(), rtol=0, atol=ATTENTION_ATOL)
 
 
