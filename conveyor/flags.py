@@ -62,6 +62,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--generation-config", default="auto",
                        help="'auto' (model folder), 'vllm' (engine defaults) or a folder")
     group.add_argument("--trust-remote-code", action="store_true", help="accepted for vLLM compatibility")
+    group.add_argument("--enforce-eager", action="store_true",
+                       help="accepted for vLLM compatibility: Conveyor's forward always runs eagerly (no graphs)")
     group.add_argument("--runner", choices=["auto", "generate", "pooling"], default="auto",
                        help="generate text, or pool (embeddings, classification, scores); auto: pooling for "
                             "encoders, *ForSequenceClassification and sentence-transformers folders")

@@ -125,7 +125,8 @@ def test_client_disconnect_aborts_and_frees_blocks(llama_server: ConveyorServer)
 
 def test_priority_policy_serves_the_most_urgent_waiting_request_first(tiny_models: Path) -> None:
     server = ConveyorServer(str(tiny_models / "llama"), "--scheduling-policy", "priority", "--max-num-seqs", "1",
-                            "--served-model-name", MODEL, "--kv-cache-memory", "32MiB", "--kv-cache-dtype", "bfloat16")
+                            "--served-model-name", MODEL, "--kv-cache-memory", "32MiB", "--kv-cache-dtype", "bfloat16",
+                            "--enforce-eager")  # a vLLM flag Conveyor accepts (its forward is always eager)
     try:
         # a bfloat16 cache under the float32 model: twice the blocks a float32 cache gets from the same 32 MiB
         blocks_per_32mib = 32 * 2**20 // (2 * 2 * 16 * 2 * 16 * 2)  # k+v, layers, block, kv heads, head_dim, bytes
