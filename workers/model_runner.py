@@ -37,9 +37,9 @@ from engine_core.protocol import (KVConnectorOutput, ModelRunnerOutput, NewReque
 from workers.attention import AttentionMetadata, build_attention_metadata
 from workers.encoder_decoder.requests import EncoderDecoderRequests
 from workers.kernels import cpu as cpu_kernels
-from workers.layers import cpu_gemm
 from workers.kv_cache_alloc import allocate_kv_caches, kv_cache_bytes_per_block
 from workers.kv_connector.base import KVConnectorWorker
+from workers.layers.cpu_gemm import native_bf16_cpu
 from workers.layers.pooler import PoolingError, pool
 from workers.loading.loader import load_hf_config
 from workers.models import PoolingModel, build_model
@@ -120,7 +120,7 @@ class ModelRunner:
         self.hf_config = load_hf_config(model_config.model)
         if device.type == "cpu" and self.dtype == torch.float32:
             cpu_kernels.library()  # build (once per machine) or load the fused kernels now, not in the first step
-        if device.type == "cpu" and self.dtype != torch.float32 and not cpu_gemm.native_bf16_cpu() and tp_rank == 0:
+        if device.type == "cpu" and self.dtype != torch.float32 and not native_bf16_cpu() and tp_rank == 0:
             logger.warning("--dtype %s on a CPU without AVX512-BF16 or AMX: it works, but runs slower than float32 "
                            "here (serve with --dtype float32 on this machine)", model_config.dtype)
         self.model = build_model(self.hf_config, model_config.model, self.dtype, device, tp_rank, tp_size,
