@@ -42,6 +42,7 @@ _SIGNATURES = {
     "write_kv_cache_bf16": [_P, _P, _P, _P, _P, _I, _I, _I, _I],
     "paged_decode_attention_f32": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F],
     "paged_decode_attention_bf16": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F],
+    "blocked_linear_f32": [_P, _P, _P, _P, _I, _I, _I, _I],
     "shm_all_reduce_f32": [_P, _I, _I, _I, _I, _P, _I],
     "shm_all_gather": [_P, _I, _I, _I, _I, _P, _P, _I],
 }
@@ -182,4 +183,29 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     attend(out.data_ptr(), q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
            seq_lens.data_ptr(), seqs, num_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1],
            _rows_of(q), scale)
+    return out
+
+
+BLOCK_COLUMNS = 16  # output rows interleaved per k in a blocked weight
+
+
+def block_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] float32 -> [ceil(N / 16), K, 16]: each group of 16 output rows interleaved per k, zero-padded."""
+    out_features, in_features = weight.shape
+    padded = -(-out_features // BLOCK_COLUMNS) * BLOCK_COLUMNS
+    blocked = torch.zeros(padded, in_features, dtype=torch.float32)
+    blocked[:out_features] = weight
+    return blocked.view(-1, BLOCK_COLUMNS, in_features).transpose(1, 2).contiguous()
+
+
+def blocked_linear(x: torch.Tensor, blocks: torch.Tensor, out_features: int,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (rows may be strided) times a `block_weight` matrix (+ bias) -> [M, out_features]."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, in_features = x.shape
+    assert blocks.is_contiguous() and blocks.shape[1] == in_features and (bias is None or bias.is_contiguous())
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    _lib().blocked_linear_f32(out.data_ptr(), x.data_ptr(), blocks.data_ptr(), None if bias is None else bias.data_ptr(),
+                              rows, out_features, in_features, x.stride(0))
     return out

@@ -1,24 +1,52 @@
-"""Matmuls against weights prepacked once into oneDNN's blocked layout (CPU only).
+"""Matmuls against weights prepacked once at load time (CPU only).
 
 Decode steps multiply a few rows by every weight matrix; MKL's `F.linear` is far from memory-bound there.
-A weight reordered once at load time for oneDNN runs 2-5x faster for small batches and ~20% faster for
-prefill-sized ones (measured on this project's 2-core AVX-512 machine, float32). Elsewhere (CUDA, no oneDNN,
-half precision, bfloat16 on a CPU without oneDNN's bfloat16 kernels, e.g. AVX2 only) layers keep plain `F.linear`.
+Two packed forms:
+- On AVX2 CPUs (no AVX-512), float32: Conveyor's own blocked layout and GEMM (workers/kernels): 1.6-2.2x
+  oneDNN's speed for one row, 1.1-1.3x for 16, about equal for prefill-sized batches (measured on the 2-core
+  AVX2 EPYC), and batch-invariant: a row's result has the same bits whatever else is in the batch.
+- Elsewhere with oneDNN (float32; bfloat16 where oneDNN has bfloat16 kernels): oneDNN's layout, 2-5x MKL's
+  speed for small batches and ~20% faster for prefill-sized ones (measured on a 2-core AVX-512 machine).
+Otherwise (CUDA, no oneDNN, half precision, bfloat16 on AVX2) layers keep plain `F.linear`.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from workers.kernels import cpu as cpu_kernels
+
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class BlockedWeight:
+    """A weight in the kernel library's blocked layout (`cpu_kernels.block_weight`)."""
+
+    blocks: torch.Tensor  # [ceil(out_features / 16), in_features, 16]
+    out_features: int
+
+
+PackedWeight = torch.Tensor | BlockedWeight  # oneDNN's opaque tensor, or ours
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype in _PACKABLE_DTYPES and weight.dim() == 2
-            and _onednn_linear_available()
-            and (weight.dtype != torch.bfloat16 or _onednn_bf16_available()))
+            and (_blocked_gemm_preferred(weight) or (
+                _onednn_linear_available() and (weight.dtype != torch.bfloat16 or _onednn_bf16_available()))))
+
+
+def _blocked_gemm_preferred(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.float32 and _avx2_cpu() and cpu_kernels.library() is not None
+
+
+@functools.cache
+def _avx2_cpu() -> bool:
+    """AVX2 is where the blocked GEMM was measured faster than oneDNN; with AVX-512 oneDNN keeps the job."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 @functools.cache
@@ -41,16 +69,21 @@ def native_bf16_cpu() -> bool:
     return any(probe is not None and bool(probe()) for probe in probes)
 
 
-def prepack(weight: torch.Tensor) -> torch.Tensor:
-    """The same [out, in] matrix in oneDNN's layout: only `packed_linear` may read it afterwards."""
+def prepack(weight: torch.Tensor) -> PackedWeight:
+    """The same [out, in] matrix in a packed layout (check `can_prepack` first): only `packed_linear` may read it
+    afterwards."""
+    if _blocked_gemm_preferred(weight):
+        return BlockedWeight(cpu_kernels.block_weight(weight), weight.shape[0])
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
 
 
-def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, packed_weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(packed_weight, BlockedWeight):
+        return cpu_kernels.blocked_linear(x, packed_weight.blocks, packed_weight.out_features, bias)  # [n, out]
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")  # [n, out]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed_weight: torch.Tensor | None,
+def linear(x: torch.Tensor, weight: torch.Tensor, packed_weight: PackedWeight | None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b through the packed weight when there is one."""
     if packed_weight is not None:

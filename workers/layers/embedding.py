@@ -42,10 +42,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Hidden states -> logits over the full vocabulary (float32)."""
 
-    packed_weight: torch.Tensor | None = None
+    packed_weight: cpu_gemm.PackedWeight | None = None
 
     def prepack(self) -> None:
-        """After loading: a oneDNN-layout copy for the logits matmul (the embedding may share `weight`)."""
+        """After loading: a packed copy for the logits matmul (the embedding may share `weight`)."""
         if cpu_gemm.can_prepack(self.weight):
             self.packed_weight = cpu_gemm.prepack(self.weight)
 

@@ -30,10 +30,10 @@ class _ParallelLinear(nn.Module):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.packed_weight: torch.Tensor | None = None  # set by prepack(); then `weight` is no longer read
+        self.packed_weight: cpu_gemm.PackedWeight | None = None  # set by prepack(); then `weight` is no longer read
 
     def prepack(self) -> None:
-        """After loading: keep the weight only in oneDNN's layout when that is faster (CPU)."""
+        """After loading: keep the weight only in a packed layout when that is faster (CPU)."""
         if cpu_gemm.can_prepack(self.weight):
             self.packed_weight = cpu_gemm.prepack(self.weight)
             self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)

@@ -171,3 +171,30 @@ def test_disabled_by_environment_and_shares_torchs_openmp_runtime() -> None:
     assert result.stdout.split() == ["True", "False"]
     gomp = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "gomp" in line}
     assert len(gomp) <= 1, gomp
+
+
+@pytest.mark.parametrize("out_features,in_features,bias", [(48, 64, False), (37, 29, True), (1, 8, False),
+                                                            (100, 576, True)])
+def test_blocked_linear_matches_f_linear_for_every_batch_size(out_features: int, in_features: int,
+                                                               bias: bool) -> None:
+    """The blocked GEMM (any N, including N not a multiple of 16; rows 1, 2, 5, 6, 7, 13, 97, 200: the GEMV, every
+    row tail of the 6-row tile, several 96-row panels; strided input rows; bias) against F.linear, and each row
+    of a batch bit-identical to that row alone (one FMA chain per output)."""
+    torch.manual_seed(out_features + in_features)
+    weight = torch.randn(out_features, in_features) * 0.1
+    bias_t = torch.randn(out_features) if bias else None
+    blocks = cpu_kernels.block_weight(weight)
+    assert blocks.shape == (-(-out_features // 16), in_features, 16)
+    for rows in (1, 2, 5, 6, 7, 13, 97, 200):
+        x = torch.randn(rows, in_features + 3)[:, :in_features]  # strided rows
+        out = cpu_kernels.blocked_linear(x, blocks, out_features, bias_t)
+        torch.testing.assert_close(out, F.linear(x, weight, bias_t), rtol=1e-5, atol=1e-5)
+        for row in {0, rows // 2, rows - 1}:
+            assert torch.equal(cpu_kernels.blocked_linear(x[row: row + 1], blocks, out_features, bias_t), out[row: row + 1])
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX2", reason="oneDNN keeps the job off AVX2")
+def test_float32_layers_pack_for_the_blocked_gemm_on_avx2() -> None:
+    from workers.layers import cpu_gemm
+
+    assert isinstance(cpu_gemm.prepack(torch.randn(32, 16)), cpu_gemm.BlockedWeight)
