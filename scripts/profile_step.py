@@ -9,9 +9,11 @@ only the ZeroMQ hop itself is left out, its msgspec encoding and decoding are ti
 `conveyor serve` resolves it (default: the embedded SmolLM2-135M-Instruct). For each batch size it prefills B
 prompts of `--prompt-len` random tokens, then times `--decode-steps` decode steps of all B requests together.
 
-Two passes per batch size: the first times the phases of each step (mean ms per step); the second adds forward
-hooks on every layer to split the forward by layer kind (the hooks cost a little, so the kinds are reported as
-shares of the hooked forward; the logits (LM head) are a phase of their own). The frontend's share (HTTP, detokenizing, SSE) is what a served TPOT has on top
+Three passes per batch size: the first times the phases of each step (mean ms per step); the second times whole
+steps with the decode stack off (`workers/models/llama_decode.py`: the layers one module at a time, as before it
+existed); the third adds forward hooks on every layer of that layer-by-layer path to split the forward by layer
+kind (the hooks cost a little, so the kinds are reported as shares of the hooked forward; the logits (LM head)
+are a phase of their own). The frontend's share (HTTP, detokenizing, SSE) is what a served TPOT has on top
 of the step total; `scripts/bench_serving.py` measures that TPOT.
 """
 from __future__ import annotations
@@ -175,6 +177,19 @@ def layer_hooks(model: Any, totals: dict[str, float]) -> Iterator[None]:
             handle.remove()
 
 
+@contextmanager
+def layer_by_layer(model: Any) -> Iterator[None]:
+    """Decode steps through the layer modules (so hooks see them) instead of the one-call decode stack."""
+    bodies = [module for module in model.modules() if hasattr(module, "use_decode_stack")]
+    for body in bodies:
+        body.use_decode_stack = False
+    try:
+        yield
+    finally:
+        for body in bodies:
+            body.use_decode_stack = True
+
+
 def profile_batch(scheduler: Any, runner: Any, args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
     """Prefill `batch_size` prompts, then time decode steps: phases first, then layer kinds."""
     vocab_size = int(runner.hf_config.vocab_size)
@@ -186,12 +201,11 @@ def profile_batch(scheduler: Any, runner: Any, args: argparse.Namespace, batch_s
         one_step(scheduler, runner, untimed)
     timer, hooked = PhaseTimer(), PhaseTimer()
     with instrument(runner, timer):
-        started = time.perf_counter()
-        for _ in range(args.decode_steps):
-            one_step(scheduler, runner, timer)
-        step_ms = (time.perf_counter() - started) * 1000 / args.decode_steps
+        step_ms = _timed_steps(scheduler, runner, timer, args.decode_steps)
+    with layer_by_layer(runner.model):
+        layer_by_layer_ms = _timed_steps(scheduler, runner, PhaseTimer(), args.decode_steps)
     kinds: dict[str, float] = defaultdict(float)
-    with layer_hooks(runner.model, kinds), instrument(runner, hooked):
+    with layer_by_layer(runner.model), layer_hooks(runner.model, kinds), instrument(runner, hooked):
         for _ in range(args.decode_steps):
             one_step(scheduler, runner, hooked)
     kinds["other (python and glue between layers)"] = max(0.0, hooked.totals["forward"] - sum(kinds.values()))
@@ -201,7 +215,16 @@ def profile_batch(scheduler: Any, runner: Any, args: argparse.Namespace, batch_s
     phases["unaccounted"] = max(0.0, step_ms - sum(phases.values()))
     forward_kinds = sum(kinds.values()) or 1.0
     return {"batch_size": batch_size, "step_ms": step_ms, "tokens_per_s": batch_size * 1000 / step_ms,
+            "layer_by_layer_step_ms": layer_by_layer_ms,
             "phases_ms": phases, "forward_shares": {kind: value / forward_kinds for kind, value in kinds.items()}}
+
+
+def _timed_steps(scheduler: Any, runner: Any, timer: PhaseTimer, steps: int) -> float:
+    """Mean milliseconds per step over `steps` steps."""
+    started = time.perf_counter()
+    for _ in range(steps):
+        one_step(scheduler, runner, timer)
+    return (time.perf_counter() - started) * 1000 / steps
 
 
 def format_report(results: list[dict[str, Any]]) -> str:
@@ -212,6 +235,8 @@ def format_report(results: list[dict[str, Any]]) -> str:
         lines.append(f"| {phase} | " + " | ".join(f"{r['phases_ms'][phase]:.2f}" for r in results) + " |")
     lines.append("| **step** | " + " | ".join(f"**{r['step_ms']:.2f}**" for r in results) + " |")
     lines.append("| tokens/s | " + " | ".join(f"{r['tokens_per_s']:.1f}" for r in results) + " |")
+    lines.append("| step, layer by layer (no decode stack) | "
+                 + " | ".join(f"{r['layer_by_layer_step_ms']:.2f}" for r in results) + " |")
     kinds = sorted({kind for r in results for kind in r["forward_shares"]},
                    key=lambda kind: -results[-1]["forward_shares"].get(kind, 0.0))
     lines += ["", "| forward by layer kind (share) | " + " | ".join(f"B={size}" for size in sizes) + " |",
@@ -229,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for batch_size in args.batch_sizes:
         print(f"[profile] B={batch_size}: prefill {batch_size} x {args.prompt_len} tokens, "
-              f"{args.decode_steps} decode steps x 2 passes", flush=True)
+              f"{args.decode_steps} decode steps x 3 passes", flush=True)
         results.append(profile_batch(scheduler, runner, args, batch_size))
     import torch
 

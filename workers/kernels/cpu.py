@@ -28,7 +28,7 @@ import torch
 logger = logging.getLogger("conveyor.kernels")
 
 DISABLE_ENV = "CONVEYOR_CPU_KERNELS"  # "0" keeps every layer on plain torch ops
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "shm_collectives.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "decoder_stack.cpp", "shm_collectives.cpp")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
 _BUILD_TIMEOUT_S = 300
 
@@ -43,6 +43,7 @@ _SIGNATURES = {
     "paged_decode_attention_f32": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F],
     "paged_decode_attention_bf16": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F],
     "blocked_linear_f32": [_P, _P, _P, _P, _I, _I, _I, _I],
+    "llama_decode_stack_f32": [_P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F],
     "shm_all_reduce_f32": [_P, _I, _I, _I, _I, _P, _I],
     "shm_all_gather": [_P, _I, _I, _I, _I, _P, _P, _I],
 }

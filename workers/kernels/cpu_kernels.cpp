@@ -3,14 +3,17 @@
 // Each kernel replaces several torch ops whose intermediate tensors and per-op dispatch dominate a decode step
 // on CPU: RMSNorm with the residual add, rotary embedding in place, the paged KV-cache write, and decode
 // attention that reads K/V straight from the cache blocks (no gathered copy) with grouped query heads sharing
-// one pass over their KV head. The arithmetic follows the torch reference op by op (float32 throughout, no
-// FMA contraction: the build passes -ffp-contract=off) so results stay within a few ulps of it. The build also
+// one pass over their KV head. The elementwise kernels follow the torch reference op by op (float32 throughout, no
+// FMA contraction: the build passes -ffp-contract=off) so results stay within a few ulps of it; the dot products
+// (attention, GEMM) use explicit FMA chains in a fixed order, so a row's result never depends on its batch. The
+// build also
 // passes -fno-trapping-math: without it GCC will not vectorize loops with comparisons (the exp clamps).
 //
 // Threads come from the OpenMP runtime torch already loaded (same libgomp soname), so torch.set_num_threads
 // governs these kernels too; small problems stay on the calling thread.
 #include <omp.h>
-#if defined(__AVX2__)
+#if defined(__AVX2__) && defined(__FMA__)
+#define CONVEYOR_AVX2_FMA 1
 #include <immintrin.h>
 #endif
 
@@ -23,6 +26,7 @@
 namespace {
 
 constexpr int64_t kParallelMinElements = 1 << 15;  // below this, thread start-up costs more than it saves
+constexpr int64_t kPrefetchTokens = 16;  // how far ahead the attention loops ask for cached rows
 
 // The KV cache holds float32 or bfloat16 (uint16_t: the high half of a float32); kernels read either as float32.
 inline float to_float(float x) { return x; }
@@ -48,27 +52,52 @@ inline float dot(const float* a, const Cache* b, int64_t n) {
   return acc;
 }
 
-#if defined(__AVX2__)
+// Asks for `bytes` from `p` on into L1 ahead of use: a cached token row sits in a block scattered in memory, so
+// the hardware prefetcher loses the stream at every block boundary and the attention loops would wait on DRAM.
+template <typename Cache>
+inline void prefetch(const Cache* p, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(Cache)); offset += 64)
+    __builtin_prefetch(bytes + offset);
+}
+
+#if CONVEYOR_AVX2_FMA
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
   const __m256i widened = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(widened, 16));
 }
 
-// Scores of one query head against four key rows at once: four independent accumulation chains hide the add
-// latency that a single dot product waits on, and one shuffle tree reduces all four (n: a multiple of 8).
+// Scores of one query head against four key rows at once: four independent FMA chains hide the latency that a
+// single dot product waits on, and one shuffle tree reduces all four (n: a multiple of 8).
 template <typename Cache>
 inline __m128 dot4(const float* q, const Cache* k0, const Cache* k1, const Cache* k2, const Cache* k3, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) {
     const __m256 qv = _mm256_loadu_ps(q + i);
-    a0 = _mm256_add_ps(a0, _mm256_mul_ps(qv, load8(k0 + i)));
-    a1 = _mm256_add_ps(a1, _mm256_mul_ps(qv, load8(k1 + i)));
-    a2 = _mm256_add_ps(a2, _mm256_mul_ps(qv, load8(k2 + i)));
-    a3 = _mm256_add_ps(a3, _mm256_mul_ps(qv, load8(k3 + i)));
+    a0 = _mm256_fmadd_ps(qv, load8(k0 + i), a0);
+    a1 = _mm256_fmadd_ps(qv, load8(k1 + i), a1);
+    a2 = _mm256_fmadd_ps(qv, load8(k2 + i), a2);
+    a3 = _mm256_fmadd_ps(qv, load8(k3 + i), a3);
   }
   const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));  // [a0, a1, a2, a3] summed
+}
+
+// acc[0, n) += p0 * v0 + p1 * v1 + p2 * v2 + p3 * v3, one FMA chain per element in token order (n: a multiple of 8).
+template <typename Cache>
+inline void accumulate4(float* acc, const float* p, const Cache* v0, const Cache* v1, const Cache* v2,
+                        const Cache* v3, int64_t n) {
+  const __m256 p0 = _mm256_set1_ps(p[0]), p1 = _mm256_set1_ps(p[1]), p2 = _mm256_set1_ps(p[2]),
+               p3 = _mm256_set1_ps(p[3]);
+  for (int64_t i = 0; i < n; i += 8) {
+    __m256 a = _mm256_loadu_ps(acc + i);
+    a = _mm256_fmadd_ps(p0, load8(v0 + i), a);
+    a = _mm256_fmadd_ps(p1, load8(v1 + i), a);
+    a = _mm256_fmadd_ps(p2, load8(v2 + i), a);
+    a = _mm256_fmadd_ps(p3, load8(v3 + i), a);
+    _mm256_storeu_ps(acc + i, a);
+  }
 }
 #endif
 
@@ -146,13 +175,16 @@ void paged_decode_attention(float* out, const float* q, const Cache* k_cache, co
       const float* q_task = q + s * q_stride + first_head * head_dim;
       scores.resize(task_heads * context);
       int64_t t = 0;
-#if defined(__AVX2__)
+#if CONVEYOR_AVX2_FMA
       if (head_dim % 8 == 0) {
         for (; t + 4 <= context; t += 4) {
           const Cache* keys[4];
           for (int64_t j = 0; j < 4; ++j)
             keys[j] = k_cache + blocks[(t + j) / block_size] * block_stride + ((t + j) % block_size) * token_stride +
                       first_kv_head * head_dim;
+          for (int64_t j = t + kPrefetchTokens; j < t + kPrefetchTokens + 4 && j < context; ++j)
+            prefetch(k_cache + blocks[j / block_size] * block_stride + (j % block_size) * token_stride +
+                     first_kv_head * head_dim, heads_per_task * head_dim);
           for (int64_t h = 0; h < task_heads; ++h) {
             const int64_t offset = (h / group) * head_dim;
             const __m128 dots = dot4(q_task + h * head_dim, keys[0] + offset, keys[1] + offset, keys[2] + offset,
@@ -183,25 +215,24 @@ void paged_decode_attention(float* out, const float* q, const Cache* k_cache, co
         for (int64_t t = 0; t < context; ++t) row[t] *= inv_total;
       }
       std::fill(acc.begin(), acc.begin() + task_heads * head_dim, 0.f);
-      // Four value rows per pass over the accumulators (the same additions in the same order as one row at a
-      // time, a quarter of the accumulator loads and stores).
-      for (t = 0; t + 4 <= context; t += 4) {
+      // Four value rows per pass over the accumulators (a quarter of the accumulator loads and stores).
+      t = 0;
+#if CONVEYOR_AVX2_FMA
+      for (; head_dim % 8 == 0 && t + 4 <= context; t += 4) {
         const Cache* values[4];
         for (int64_t j = 0; j < 4; ++j)
           values[j] = v_cache + blocks[(t + j) / block_size] * block_stride + ((t + j) % block_size) * token_stride +
                       first_kv_head * head_dim;
+        for (int64_t j = t + kPrefetchTokens; j < t + kPrefetchTokens + 4 && j < context; ++j)
+          prefetch(v_cache + blocks[j / block_size] * block_stride + (j % block_size) * token_stride +
+                   first_kv_head * head_dim, heads_per_task * head_dim);
         for (int64_t h = 0; h < task_heads; ++h) {
-          const float* p = scores.data() + h * context + t;
           const int64_t offset = (h / group) * head_dim;
-          const Cache *v0 = values[0] + offset, *v1 = values[1] + offset, *v2 = values[2] + offset,
-                      *v3 = values[3] + offset;
-          float* a = acc.data() + h * head_dim;
-#pragma omp simd
-          for (int64_t i = 0; i < head_dim; ++i)
-            a[i] = (((a[i] + p[0] * to_float(v0[i])) + p[1] * to_float(v1[i])) + p[2] * to_float(v2[i])) +
-                   p[3] * to_float(v3[i]);
+          accumulate4(acc.data() + h * head_dim, scores.data() + h * context + t, values[0] + offset,
+                      values[1] + offset, values[2] + offset, values[3] + offset, head_dim);
         }
       }
+#endif
       for (; t < context; ++t) {
         const Cache* values = v_cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride +
                               first_kv_head * head_dim;
@@ -210,7 +241,7 @@ void paged_decode_attention(float* out, const float* q, const Cache* k_cache, co
           const Cache* value = values + (h / group) * head_dim;
           float* a = acc.data() + h * head_dim;
 #pragma omp simd
-          for (int64_t i = 0; i < head_dim; ++i) a[i] += p * to_float(value[i]);
+          for (int64_t i = 0; i < head_dim; ++i) a[i] = std::fma(p, to_float(value[i]), a[i]);
         }
       }
       std::memcpy(out + (s * num_heads + first_head) * head_dim, acc.data(), task_heads * head_dim * sizeof(float));
@@ -219,7 +250,7 @@ void paged_decode_attention(float* out, const float* q, const Cache* k_cache, co
 }
 
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if CONVEYOR_AVX2_FMA
 // ---- Blocked float32 GEMM: y[M, N] = x[M, K] W^T (+ bias), W packed as [ceil(N/16), K, 16] (16 output rows
 // interleaved per k, zero-padded). Every output is one FMA chain over k in order, so a row's result has the same
 // bits whatever M is or which tile it falls in (batch-invariant).
@@ -378,15 +409,19 @@ void paged_decode_attention_bf16(float* out, const float* q, const uint16_t* k_c
 
 void blocked_linear_f32(float* y, const float* x, const float* w, const float* bias, int64_t M, int64_t N,
                         int64_t K, int64_t x_stride) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if CONVEYOR_AVX2_FMA
   const int64_t blocks = (N + 15) / 16;
-  if (M == 1) {  // a GEMV: four column blocks per task
-    const int64_t full_groups = blocks / 4;
-#pragma omp parallel for schedule(static) if (N * K >= kParallelMinElements)
-    for (int64_t g = 0; g < full_groups; ++g)
-      tile_gemv(y + g * 64, x, w + g * 4 * K * 16, K, N - g * 64, bias ? bias + g * 64 : nullptr);
-    for (int64_t b = full_groups * 4; b < blocks; ++b)
-      tile_rows<1>(y + b * 16, N, x, x_stride, w + b * K * 16, K, N - b * 16, bias ? bias + b * 16 : nullptr);
+  if (M == 1) {  // a GEMV: each thread an equal run of column blocks (memory-bound: balance is what counts)
+#pragma omp parallel if (N * K >= kParallelMinElements)
+    {
+      const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+      const int64_t end = blocks * (thread + 1) / threads;
+      int64_t b = blocks * thread / threads;
+      for (; b + 4 <= end; b += 4)  // four blocks per pass where the run allows
+        tile_gemv(y + b * 16, x, w + b * K * 16, K, N - b * 16, bias ? bias + b * 16 : nullptr);
+      for (; b < end; ++b)
+        tile_rows<1>(y + b * 16, N, x, x_stride, w + b * K * 16, K, N - b * 16, bias ? bias + b * 16 : nullptr);
+    }
     return;
   }
 #pragma omp parallel if (M * N * K >= kParallelMinElements)

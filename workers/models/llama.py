@@ -22,6 +22,7 @@ from workers.attention import Attention, AttentionMetadata
 from workers.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm, RotaryEmbedding,
                             RowParallelLinear, SiluAndMul, VocabParallelEmbedding, get_rope)
 from workers.loading.weights import load_hf_weights, raise_if_missing
+from workers.models.llama_decode import DecodeStack
 
 logger = logging.getLogger(__name__)
 
@@ -109,15 +110,30 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(hf_config, rotary_emb, qkv_bias, tp_rank, tp_size)
             for _ in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.use_decode_stack = True  # scripts/profile_step.py turns it off to time the layers one by one
+        self._decode_stack: DecodeStack | None = None  # built at the first step, after the weights are packed
+        self._decode_stack_checked = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        stack = self._decode_stack_for_step(hidden, kv_caches, metadata)
+        if stack is not None:
+            return stack(hidden, positions, kv_caches, metadata)  # [T, hidden]
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         hidden, _ = self.norm(hidden, residual)  # [T, hidden]
         return hidden
+
+    def _decode_stack_for_step(self, hidden: torch.Tensor, kv_caches: list[torch.Tensor],
+                               metadata: AttentionMetadata) -> DecodeStack | None:
+        if not self._decode_stack_checked:
+            self._decode_stack_checked = True
+            self._decode_stack = DecodeStack(self) if DecodeStack.supports(self) else None
+        stack = self._decode_stack
+        return stack if stack is not None and self.use_decode_stack and stack.applies(hidden, kv_caches,
+                                                                                       metadata) else None
 
 
 def _check_tensor_parallel_size(hf_config: Any, tp_size: int) -> None:
