@@ -164,6 +164,7 @@ void paged_decode_attention(float* out, const float* q, const Cache* k_cache, co
 #pragma omp parallel if (parallel)
   {
     std::vector<float> scores;
+    std::vector<int64_t> rows;  // element offset of each context token's first K/V value of this task
     std::vector<float> acc(num_heads * head_dim);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < seqs * tasks_per_seq; ++task) {
@@ -174,29 +175,33 @@ void paged_decode_attention(float* out, const float* q, const Cache* k_cache, co
       const int64_t* blocks = block_tables + s * max_blocks;
       const float* q_task = q + s * q_stride + first_head * head_dim;
       scores.resize(task_heads * context);
+      // Row addresses once per task, by counting through the blocks: a division per token in the loops below
+      // cost more than their arithmetic.
+      rows.resize(context + kPrefetchTokens);
+      for (int64_t t = 0, block = 0, in_block = 0; t < context; ++t) {
+        rows[t] = blocks[block] * block_stride + in_block * token_stride + first_kv_head * head_dim;
+        if (++in_block == block_size) in_block = 0, ++block;
+      }
+      std::fill(rows.begin() + context, rows.end(), rows[context - 1]);  // prefetches past the end: harmless
+      const int64_t row_width = heads_per_task * head_dim;
       int64_t t = 0;
 #if CONVEYOR_AVX2_FMA
       if (head_dim % 8 == 0) {
         for (; t + 4 <= context; t += 4) {
-          const Cache* keys[4];
-          for (int64_t j = 0; j < 4; ++j)
-            keys[j] = k_cache + blocks[(t + j) / block_size] * block_stride + ((t + j) % block_size) * token_stride +
-                      first_kv_head * head_dim;
-          for (int64_t j = t + kPrefetchTokens; j < t + kPrefetchTokens + 4 && j < context; ++j)
-            prefetch(k_cache + blocks[j / block_size] * block_stride + (j % block_size) * token_stride +
-                     first_kv_head * head_dim, heads_per_task * head_dim);
+          const Cache *k0 = k_cache + rows[t], *k1 = k_cache + rows[t + 1], *k2 = k_cache + rows[t + 2],
+                      *k3 = k_cache + rows[t + 3];
+          for (int64_t j = t + kPrefetchTokens; j < t + kPrefetchTokens + 4; ++j) prefetch(k_cache + rows[j], row_width);
           for (int64_t h = 0; h < task_heads; ++h) {
             const int64_t offset = (h / group) * head_dim;
-            const __m128 dots = dot4(q_task + h * head_dim, keys[0] + offset, keys[1] + offset, keys[2] + offset,
-                                     keys[3] + offset, head_dim);
+            const __m128 dots = dot4(q_task + h * head_dim, k0 + offset, k1 + offset, k2 + offset, k3 + offset,
+                                     head_dim);
             _mm_storeu_ps(scores.data() + h * context + t, _mm_mul_ps(dots, _mm_set1_ps(scale)));
           }
         }
       }
 #endif
       for (; t < context; ++t) {
-        const Cache* keys = k_cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride +
-                            first_kv_head * head_dim;
+        const Cache* keys = k_cache + rows[t];
         for (int64_t h = 0; h < task_heads; ++h)
           scores[h * context + t] = dot(q_task + h * head_dim, keys + (h / group) * head_dim, head_dim) * scale;
       }
@@ -214,28 +219,24 @@ void paged_decode_attention(float* out, const float* q, const Cache* k_cache, co
 #pragma omp simd
         for (int64_t t = 0; t < context; ++t) row[t] *= inv_total;
       }
+      for (int64_t j = 0; j < kPrefetchTokens && j < context; ++j) prefetch(v_cache + rows[j], row_width);
       std::fill(acc.begin(), acc.begin() + task_heads * head_dim, 0.f);
       // Four value rows per pass over the accumulators (a quarter of the accumulator loads and stores).
       t = 0;
 #if CONVEYOR_AVX2_FMA
       for (; head_dim % 8 == 0 && t + 4 <= context; t += 4) {
-        const Cache* values[4];
-        for (int64_t j = 0; j < 4; ++j)
-          values[j] = v_cache + blocks[(t + j) / block_size] * block_stride + ((t + j) % block_size) * token_stride +
-                      first_kv_head * head_dim;
-        for (int64_t j = t + kPrefetchTokens; j < t + kPrefetchTokens + 4 && j < context; ++j)
-          prefetch(v_cache + blocks[j / block_size] * block_stride + (j % block_size) * token_stride +
-                   first_kv_head * head_dim, heads_per_task * head_dim);
+        const Cache *v0 = v_cache + rows[t], *v1 = v_cache + rows[t + 1], *v2 = v_cache + rows[t + 2],
+                    *v3 = v_cache + rows[t + 3];
+        for (int64_t j = t + kPrefetchTokens; j < t + kPrefetchTokens + 4; ++j) prefetch(v_cache + rows[j], row_width);
         for (int64_t h = 0; h < task_heads; ++h) {
           const int64_t offset = (h / group) * head_dim;
-          accumulate4(acc.data() + h * head_dim, scores.data() + h * context + t, values[0] + offset,
-                      values[1] + offset, values[2] + offset, values[3] + offset, head_dim);
+          accumulate4(acc.data() + h * head_dim, scores.data() + h * context + t, v0 + offset, v1 + offset,
+                      v2 + offset, v3 + offset, head_dim);
         }
       }
 #endif
       for (; t < context; ++t) {
-        const Cache* values = v_cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride +
-                              first_kv_head * head_dim;
+        const Cache* values = v_cache + rows[t];
         for (int64_t h = 0; h < task_heads; ++h) {
           const float p = scores[h * context + t];
           const Cache* value = values + (h / group) * head_dim;
