@@ -24,7 +24,9 @@ def test_profile_reports_every_phase(tiny_models: Path, tmp_path: Path) -> None:
         phases = entry["phases_ms"]
         assert phases["forward"] > 0 and phases["schedule"] > 0 and phases["sample"] > 0
         assert sum(phases.values()) >= entry["step_ms"] * 0.999  # "unaccounted" closes the sum
+        assert entry["layer_by_layer_step_ms"] > 0  # the same steps without the one-call decode stack
         shares = entry["forward_shares"]
         assert {"attention (paged)", "linear: qkv", "rmsnorm"} <= set(shares)
         assert abs(sum(shares.values()) - 1.0) < 1e-6
     assert "| **step** |" in result.stdout and "| attention (paged) |" in result.stdout
+    assert "| step, layer by layer (no decode stack) |" in result.stdout

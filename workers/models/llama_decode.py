@@ -12,7 +12,7 @@ modules.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -21,7 +21,8 @@ from workers.attention import AttentionMetadata
 from workers.kernels import cpu as cpu_kernels
 
 if TYPE_CHECKING:
-    from workers.models.llama import LlamaModel
+    from workers.layers import ColumnParallelLinear, RowParallelLinear
+    from workers.models.llama import LlamaDecoderLayer, LlamaModel
 
 _LAYER_SLOTS = 12  # per layer: input norm, qkv, qkv bias, o, o bias, post norm, gate_up, its bias, down, its bias,
 # k cache, v cache (decoder_stack.cpp's LayerSlot order)
@@ -31,7 +32,7 @@ class DecodeStack:
     """The layer stack of one `LlamaModel` as a table of addresses for `llama_decode_stack_f32`."""
 
     def __init__(self, model: LlamaModel) -> None:
-        first = model.layers[0]
+        first = _layers(model)[0]
         attention = first.self_attn
         self.hidden_size = model.norm.weight.shape[0]
         self.num_heads, self.num_kv_heads, self.head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
@@ -41,7 +42,7 @@ class DecodeStack:
         self.eps, self.scale = first.input_layernorm.eps, attention.attn.scale
         self.final_norm = model.norm.weight
         self.cos_sin = attention.rotary_emb.cos_sin_cache
-        self._weights = [_weight_addresses(layer) for layer in model.layers]  # [layers][10]
+        self._weights = [_weight_addresses(layer) for layer in _layers(model)]  # [layers][10]
         self._table: torch.Tensor | None = None  # [layers, 12] int64, built for one set of caches
         self._table_caches: list[torch.Tensor] = []
 
@@ -50,9 +51,10 @@ class DecodeStack:
         """Every layer's pieces are kernels of the library: float32, blocked projections, one rank."""
         if cpu_kernels.library() is None or not cpu_kernels.enabled(model.norm.weight):
             return False
-        for layer in model.layers:
+        for layer in _layers(model):
             attention, mlp = layer.self_attn, layer.mlp
-            projections = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            projections: tuple[ColumnParallelLinear | RowParallelLinear, ...] = (
+                attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
             if any(p.tp_size != 1 or not isinstance(p.packed_weight, cpu_gemm.BlockedWeight) for p in projections):
                 return False
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
@@ -100,15 +102,19 @@ class DecodeStack:
         return self._table
 
 
-def _weight_addresses(layer: torch.nn.Module) -> list[int]:
+def _layers(model: LlamaModel) -> list[LlamaDecoderLayer]:
+    return [cast("LlamaDecoderLayer", layer) for layer in model.layers]
+
+
+def _weight_addresses(layer: LlamaDecoderLayer) -> list[int]:
     attention, mlp = layer.self_attn, layer.mlp
 
-    def blocks(projection: torch.nn.Module) -> int:
+    def blocks(projection: ColumnParallelLinear | RowParallelLinear) -> int:
         packed = projection.packed_weight
         assert isinstance(packed, cpu_gemm.BlockedWeight)
         return packed.blocks.data_ptr()
 
-    def bias(projection: torch.nn.Module) -> int:
+    def bias(projection: ColumnParallelLinear | RowParallelLinear) -> int:
         return 0 if projection.bias is None else projection.bias.data_ptr()
 
     return [layer.input_layernorm.weight.data_ptr(), blocks(attention.qkv_proj), bias(attention.qkv_proj),
