@@ -103,6 +103,16 @@ class ShmCommunicator:
                                              self.sequence, x.data_ptr(), out.data_ptr(), x.numel() * x.element_size()))
         return out
 
+    def native_fields(self) -> torch.Tensor:
+        """[segment address, world, rank, slot bytes, sequence] int64, for C++ code that runs this group's all-reduces
+        itself (workers/kernels/decoder_stack.cpp); hand the tensor back to `adopt_native_fields` afterwards."""
+        return torch.tensor([self.segment.data_ptr(), self.world, self.rank, self.slot_bytes, self.sequence],
+                            dtype=torch.int64)
+
+    def adopt_native_fields(self, fields: torch.Tensor) -> None:
+        """Take the sequence count the C++ calls advanced (raises PeerDiedError if one found a dead rank)."""
+        self._check(int(fields[4]))
+
     def _check(self, sequence: int) -> None:
         if sequence < 0:
             raise PeerDiedError(f"tensor-parallel rank {-sequence - 1} died during a collective")

@@ -27,6 +27,11 @@ def init(rank: int, world: int, device: torch.device) -> None:
                     "shared memory (all ranks on this host)" if _shm is not None else dist.get_backend())
 
 
+def shm_communicator() -> ShmCommunicator | None:
+    """The shared-memory group when every rank is on this host (CPU), else None (one rank, gloo, NCCL)."""
+    return _shm
+
+
 def _shm_takes(x: torch.Tensor) -> bool:
     return _shm is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
 

@@ -43,11 +43,11 @@ _SIGNATURES = {
     "paged_decode_attention_f32": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F],
     "paged_decode_attention_bf16": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F],
     "blocked_linear_f32": [_P, _P, _P, _P, _I, _I, _I, _I],
-    "llama_decode_stack_f32": [_P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F],
+    "llama_decode_stack_f32": [_P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F, _P],
     "shm_all_reduce_f32": [_P, _I, _I, _I, _I, _P, _I],
     "shm_all_gather": [_P, _I, _I, _I, _I, _P, _P, _I],
 }
-_RETURNS_INT = {"shm_all_reduce_f32", "shm_all_gather"}
+_RETURNS_INT = {"shm_all_reduce_f32", "shm_all_gather", "llama_decode_stack_f32"}
 
 
 def _cpu_flags() -> str:

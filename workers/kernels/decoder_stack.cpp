@@ -29,6 +29,8 @@ void paged_decode_attention_bf16(float* out, const float* q, const uint16_t* k_c
                                  int64_t q_stride, float scale);
 void blocked_linear_f32(float* y, const float* x, const float* w, const float* bias, int64_t M, int64_t N, int64_t K,
                         int64_t x_stride);
+int64_t shm_all_reduce_f32(char* segment, int64_t world, int64_t rank, int64_t slot_bytes, int64_t sequence,
+                           float* data, int64_t count);
 }
 
 namespace {
@@ -48,6 +50,25 @@ inline T* at(const int64_t* layer, LayerSlot slot) {
   return reinterpret_cast<T*>(layer[slot]);
 }
 
+// The tensor-parallel group's shared segment, as workers/distributed/shm_comm.py holds it; null with one rank.
+enum CollectiveField : int64_t { kSegment, kWorld, kRank, kSlotBytes, kSequence };
+
+// A row-parallel projection's output: the ranks' partial sums added (tensor parallel), then the bias, the order
+// RowParallelLinear keeps. Returns false when a peer rank died (collective[kSequence] then holds its code).
+bool reduce_and_add_bias(float* y, const float* bias, int64_t tokens, int64_t width, int64_t* collective) {
+  if (collective != nullptr) {
+    const int64_t sequence =
+        shm_all_reduce_f32(reinterpret_cast<char*>(collective[kSegment]), collective[kWorld], collective[kRank],
+                           collective[kSlotBytes], collective[kSequence], y, tokens * width);
+    collective[kSequence] = sequence;
+    if (sequence < 0) return false;
+  }
+  if (bias != nullptr)
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t i = 0; i < width; ++i) y[t * width + i] = y[t * width + i] + bias[i];
+  return true;
+}
+
 }  // namespace
 
 extern "C" {
@@ -55,10 +76,13 @@ extern "C" {
 // hidden [tokens, hidden]: the embedded tokens in, the final-normed hidden states out (the model's output).
 // residual [tokens, hidden] and scratch [tokens, qkv + q + 3 * intermediate] are work space.
 // layers [num_layers, kLayerSlots]; positions/slots [tokens]; block_tables [tokens, max_blocks]; seq_lens [tokens].
-void llama_decode_stack_f32(float* hidden, float* residual, float* scratch, const int64_t* layers, int64_t num_layers,
-                            const int64_t* dims, const float* final_norm, const float* cos_sin,
-                            const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
-                            const int64_t* seq_lens, int64_t tokens, float eps, float scale) {
+// collective: CollectiveField values (kSequence updated), or null for one rank. Returns 0, or -(1 + the rank
+// found dead during an all-reduce).
+int64_t llama_decode_stack_f32(float* hidden, float* residual, float* scratch, const int64_t* layers,
+                               int64_t num_layers, const int64_t* dims, const float* final_norm,
+                               const float* cos_sin, const int64_t* positions, const int64_t* slots,
+                               const int64_t* block_tables, const int64_t* seq_lens, int64_t tokens, float eps,
+                               float scale, int64_t* collective) {
   const int64_t hidden_size = dims[kHidden], heads = dims[kHeads], kv_heads = dims[kKvHeads];
   const int64_t head_dim = dims[kHeadDim], intermediate = dims[kIntermediate];
   const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, qkv_size = q_size + 2 * kv_size;
@@ -90,17 +114,21 @@ void llama_decode_stack_f32(float* hidden, float* residual, float* scratch, cons
       paged_decode_attention_f32(attention, q, k_cache, v_cache, block_tables, seq_lens, tokens, heads, kv_heads,
                                  head_dim, dims[kBlockSize], dims[kMaxBlocks], qkv_size, scale);
     }
-    blocked_linear_f32(hidden, attention, at<const float>(layer, kO), at<const float>(layer, kOBias), tokens,
-                       hidden_size, q_size, q_size);
+    blocked_linear_f32(hidden, attention, at<const float>(layer, kO), nullptr, tokens, hidden_size, q_size, q_size);
+    if (!reduce_and_add_bias(hidden, at<const float>(layer, kOBias), tokens, hidden_size, collective))
+      return collective[kSequence];
 
     fused_add_rms_norm_f32(hidden, residual, at<const float>(layer, kPostNorm), tokens, hidden_size, eps);
     blocked_linear_f32(gate_up, hidden, at<const float>(layer, kGateUp), at<const float>(layer, kGateUpBias), tokens,
                        2 * intermediate, hidden_size, hidden_size);
     silu_and_mul_f32(activated, gate_up, tokens, intermediate);
-    blocked_linear_f32(hidden, activated, at<const float>(layer, kDown), at<const float>(layer, kDownBias), tokens,
-                       hidden_size, intermediate, intermediate);
+    blocked_linear_f32(hidden, activated, at<const float>(layer, kDown), nullptr, tokens, hidden_size, intermediate,
+                       intermediate);
+    if (!reduce_and_add_bias(hidden, at<const float>(layer, kDownBias), tokens, hidden_size, collective))
+      return collective[kSequence];
   }
   fused_add_rms_norm_f32(hidden, residual, final_norm, tokens, hidden_size, eps);
+  return 0;
 }
 
 }  // extern "C"

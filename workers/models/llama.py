@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from workers.attention import Attention, AttentionMetadata
 from workers.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm, RotaryEmbedding,
                             RowParallelLinear, SiluAndMul, VocabParallelEmbedding, get_rope)
 from workers.loading.weights import load_hf_weights, raise_if_missing
-from workers.models.llama_decode import DecodeStack
+from workers.models.llama_decode import DecodeStack, DecoderLayerParts, DecoderStackParts
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +126,24 @@ class LlamaModel(nn.Module):
         hidden, _ = self.norm(hidden, residual)  # [T, hidden]
         return hidden
 
+    def _stack_parts(self) -> DecoderStackParts:
+        layers = [cast(LlamaDecoderLayer, layer) for layer in self.layers]
+        attention = layers[0].self_attn
+        return DecoderStackParts(
+            [DecoderLayerParts(layer.input_layernorm, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                               layer.post_attention_layernorm, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+             for layer in layers],
+            self.norm, attention.rotary_emb.cos_sin_cache, attention.num_heads, attention.num_kv_heads,
+            attention.head_dim, attention.attn.scale)
+
     def _decode_stack_for_step(self, hidden: torch.Tensor, kv_caches: list[torch.Tensor],
                                metadata: AttentionMetadata) -> DecodeStack | None:
         if not self._decode_stack_checked:
             self._decode_stack_checked = True
-            self._decode_stack = DecodeStack(self) if DecodeStack.supports(self) else None
+            parts = self._stack_parts()
+            self._decode_stack = DecodeStack(parts) if DecodeStack.supports(parts) else None
+            if self._decode_stack is not None and self._decode_stack.tp_rank == 0:
+                logger.info("decode steps run all %d layers in one kernel call (decode stack)", len(self.layers))
         stack = self._decode_stack
         return stack if stack is not None and self.use_decode_stack and stack.applies(hidden, kv_caches,
                                                                                        metadata) else None

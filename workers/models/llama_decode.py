@@ -6,60 +6,88 @@ whole layer stack to one C++ function that calls the same kernels in the same or
 bits as the layer-by-layer path (a test checks this).
 
 It serves only where every piece of the layer-by-layer path would itself be a fused kernel: float32 on CPU, all
-projections in the blocked layout (AVX2 CPUs), one tensor-parallel rank (no all-reduce inside a layer), and a
-step in which every request decodes one token. Everything else (prefill, mixed steps, other devices) keeps the
-modules.
+projections in the blocked layout (AVX2 CPUs), one tensor-parallel rank or ranks on one host (the layer's two
+all-reduces then go through the shared-memory collective from C++), and a step in which every request decodes
+one token. Everything else (prefill, mixed steps, other devices, gloo across hosts) keeps the modules.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from dataclasses import dataclass
 
 import torch
 
 import workers.layers.cpu_gemm as cpu_gemm  # noqa: PLR0402
 from workers.attention import AttentionMetadata
+from workers.distributed import tensor_parallel
 from workers.kernels import cpu as cpu_kernels
+from workers.layers import ColumnParallelLinear, RMSNorm, RowParallelLinear
 
-if TYPE_CHECKING:
-    from workers.layers import ColumnParallelLinear, RowParallelLinear
-    from workers.models.llama import LlamaDecoderLayer, LlamaModel
+
+@dataclass(frozen=True)
+class DecoderLayerParts:
+    """One decoder layer's modules, as the stack reads them (the model file says which are which)."""
+
+    input_norm: RMSNorm
+    qkv_proj: ColumnParallelLinear
+    o_proj: RowParallelLinear
+    post_norm: RMSNorm
+    gate_up_proj: ColumnParallelLinear
+    down_proj: RowParallelLinear
+
+    @property
+    def projections(self) -> tuple[ColumnParallelLinear | RowParallelLinear, ...]:
+        return self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj
+
+
+@dataclass(frozen=True)
+class DecoderStackParts:
+    """A Llama-family decoder body: its layers, final norm and the attention shape of this rank."""
+
+    layers: list[DecoderLayerParts]
+    final_norm: RMSNorm
+    cos_sin: torch.Tensor  # [max_position, head_dim] rotary cache, cos then sin
+    num_heads: int  # on this rank
+    num_kv_heads: int  # on this rank
+    head_dim: int
+    scale: float
 
 _LAYER_SLOTS = 12  # per layer: input norm, qkv, qkv bias, o, o bias, post norm, gate_up, its bias, down, its bias,
 # k cache, v cache (decoder_stack.cpp's LayerSlot order)
 
 
 class DecodeStack:
-    """The layer stack of one `LlamaModel` as a table of addresses for `llama_decode_stack_f32`."""
+    """A decoder body as a table of addresses for `llama_decode_stack_f32`."""
 
-    def __init__(self, model: LlamaModel) -> None:
-        first = _layers(model)[0]
-        attention = first.self_attn
-        self.hidden_size = model.norm.weight.shape[0]
-        self.num_heads, self.num_kv_heads, self.head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
-        down = first.mlp.down_proj.packed_weight
+    def __init__(self, parts: DecoderStackParts) -> None:
+        first = parts.layers[0]
+        self.hidden_size = parts.final_norm.weight.shape[0]
+        self.num_heads, self.num_kv_heads, self.head_dim = parts.num_heads, parts.num_kv_heads, parts.head_dim
+        down = first.down_proj.packed_weight
         assert isinstance(down, cpu_gemm.BlockedWeight)
         self.intermediate = down.blocks.shape[1]  # the down projection's input width
-        self.eps, self.scale = first.input_layernorm.eps, attention.attn.scale
-        self.final_norm = model.norm.weight
-        self.cos_sin = attention.rotary_emb.cos_sin_cache
-        self._weights = [_weight_addresses(layer) for layer in _layers(model)]  # [layers][10]
+        self.eps, self.scale = first.input_norm.eps, parts.scale
+        self.tp_rank, self.tp_size = first.o_proj.tp_rank, first.o_proj.tp_size
+        self.final_norm = parts.final_norm.weight
+        self.cos_sin = parts.cos_sin
+        self._weights = [_weight_addresses(layer) for layer in parts.layers]  # [layers][10]
         self._table: torch.Tensor | None = None  # [layers, 12] int64, built for one set of caches
         self._table_caches: list[torch.Tensor] = []
 
     @staticmethod
-    def supports(model: LlamaModel) -> bool:
-        """Every layer's pieces are kernels of the library: float32, blocked projections, one rank."""
-        if cpu_kernels.library() is None or not cpu_kernels.enabled(model.norm.weight):
+    def supports(parts: DecoderStackParts) -> bool:
+        """Every layer's pieces are kernels of the library: float32, blocked projections, one rank or ranks that share
+        memory."""
+        if cpu_kernels.library() is None or not cpu_kernels.enabled(parts.final_norm.weight, parts.cos_sin):
             return False
-        for layer in _layers(model):
-            attention, mlp = layer.self_attn, layer.mlp
-            projections: tuple[ColumnParallelLinear | RowParallelLinear, ...] = (
-                attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if any(p.tp_size != 1 or not isinstance(p.packed_weight, cpu_gemm.BlockedWeight) for p in projections):
+        tp_size = parts.layers[0].o_proj.tp_size
+        if tp_size > 1 and tensor_parallel.shm_communicator() is None:
+            return False
+        for layer in parts.layers:
+            if any(p.tp_size != tp_size or not isinstance(p.packed_weight, cpu_gemm.BlockedWeight)
+                   for p in layer.projections):
                 return False
-            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            biases = [p.bias for p in projections if p.bias is not None]
-            if not cpu_kernels.enabled(*norms, *biases, attention.rotary_emb.cos_sin_cache):
+            biases = [p.bias for p in layer.projections if p.bias is not None]
+            if not cpu_kernels.enabled(layer.input_norm.weight, layer.post_norm.weight, *biases):
                 return False
         return True
 
@@ -82,11 +110,15 @@ class DecodeStack:
         dims = torch.tensor([self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate,
                              block_size, block_tables.shape[1], int(kv_caches[0].dtype == torch.bfloat16)],
                             dtype=torch.int64)
+        communicator = tensor_parallel.shm_communicator() if self.tp_size > 1 else None
+        collective = communicator.native_fields() if communicator is not None else None
         cpu_kernels.library().llama_decode_stack_f32(  # type: ignore[union-attr]
             hidden.data_ptr(), residual.data_ptr(), scratch.data_ptr(), self._layer_table(kv_caches).data_ptr(),
             len(self._weights), dims.data_ptr(), self.final_norm.data_ptr(), self.cos_sin.data_ptr(),
             positions.data_ptr(), metadata.slot_mapping.data_ptr(), block_tables.data_ptr(),
-            seq_lens.data_ptr(), tokens, self.eps, self.scale)
+            seq_lens.data_ptr(), tokens, self.eps, self.scale, None if collective is None else collective.data_ptr())
+        if communicator is not None and collective is not None:
+            communicator.adopt_native_fields(collective)  # raises if a peer rank died mid-step
         return hidden
 
     def _layer_table(self, kv_caches: list[torch.Tensor]) -> torch.Tensor:
@@ -102,13 +134,7 @@ class DecodeStack:
         return self._table
 
 
-def _layers(model: LlamaModel) -> list[LlamaDecoderLayer]:
-    return [cast("LlamaDecoderLayer", layer) for layer in model.layers]
-
-
-def _weight_addresses(layer: LlamaDecoderLayer) -> list[int]:
-    attention, mlp = layer.self_attn, layer.mlp
-
+def _weight_addresses(layer: DecoderLayerParts) -> list[int]:
     def blocks(projection: ColumnParallelLinear | RowParallelLinear) -> int:
         packed = projection.packed_weight
         assert isinstance(packed, cpu_gemm.BlockedWeight)
@@ -117,6 +143,6 @@ def _weight_addresses(layer: LlamaDecoderLayer) -> list[int]:
     def bias(projection: ColumnParallelLinear | RowParallelLinear) -> int:
         return 0 if projection.bias is None else projection.bias.data_ptr()
 
-    return [layer.input_layernorm.weight.data_ptr(), blocks(attention.qkv_proj), bias(attention.qkv_proj),
-            blocks(attention.o_proj), bias(attention.o_proj), layer.post_attention_layernorm.weight.data_ptr(),
-            blocks(mlp.gate_up_proj), bias(mlp.gate_up_proj), blocks(mlp.down_proj), bias(mlp.down_proj)]
+    return [layer.input_norm.weight.data_ptr(), blocks(layer.qkv_proj), bias(layer.qkv_proj), blocks(layer.o_proj),
+            bias(layer.o_proj), layer.post_norm.weight.data_ptr(), blocks(layer.gate_up_proj), bias(layer.gate_up_proj),
+            blocks(layer.down_proj), bias(layer.down_proj)]

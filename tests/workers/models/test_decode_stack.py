@@ -17,7 +17,7 @@ from workers.models.llama_decode import DecodeStack
 def test_decode_stack_equals_layer_by_layer(tiny_models: Path, architecture: str, kv_cache_dtype: str) -> None:
     runner, driver = make_runner(str(tiny_models / architecture), kv_cache_dtype=kv_cache_dtype)
     body = runner.model.model  # type: ignore[attr-defined]
-    if not DecodeStack.supports(body):
+    if not DecodeStack.supports(body._stack_parts()):
         pytest.skip("the decode stack needs the kernel library and blocked (AVX2) float32 projections")
     lengths = [1, 5, 17, 40]  # contexts that end inside, at and past a 16-token block
     for i, length in enumerate(lengths):
