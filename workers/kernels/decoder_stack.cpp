@@ -4,7 +4,8 @@
 // kernels (module calls, views, ctypes) cost as much as a third of the forward on a 2-core CPU. This runs the same
 // kernels of cpu_kernels.cpp in the same order on the same buffers layer after layer, so its results have the
 // same bits as the layer-by-layer path (workers/models/llama.py), which keeps every other step (prefill, mixed
-// batches, tensor parallel).
+// batches). Under tensor parallel on one host a layer's two all-reduces go through the shared-memory collective
+// (shm_collectives.cpp) at the same points as in the modules.
 #include <cstdint>
 #include <cstring>
 

@@ -11,6 +11,7 @@ Weights arrive under Hugging Face names; q/k/v and gate/up are stacked into one 
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from typing import Any, cast
@@ -111,8 +112,6 @@ class LlamaModel(nn.Module):
             for _ in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.use_decode_stack = True  # scripts/profile_step.py turns it off to time the layers one by one
-        self._decode_stack: DecodeStack | None = None  # built at the first step, after the weights are packed
-        self._decode_stack_checked = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -136,14 +135,17 @@ class LlamaModel(nn.Module):
             self.norm, attention.rotary_emb.cos_sin_cache, attention.num_heads, attention.num_kv_heads,
             attention.head_dim, attention.attn.scale)
 
+    @functools.cached_property
+    def _decode_stack(self) -> DecodeStack | None:
+        """Built at the first step, after the weights are packed; None where the stack cannot serve."""
+        parts = self._stack_parts()
+        stack = DecodeStack(parts) if DecodeStack.supports(parts) else None
+        if stack is not None and stack.tp_rank == 0:
+            logger.info("decode steps run all %d layers in one kernel call (decode stack)", len(self.layers))
+        return stack
+
     def _decode_stack_for_step(self, hidden: torch.Tensor, kv_caches: list[torch.Tensor],
                                metadata: AttentionMetadata) -> DecodeStack | None:
-        if not self._decode_stack_checked:
-            self._decode_stack_checked = True
-            parts = self._stack_parts()
-            self._decode_stack = DecodeStack(parts) if DecodeStack.supports(parts) else None
-            if self._decode_stack is not None and self._decode_stack.tp_rank == 0:
-                logger.info("decode steps run all %d layers in one kernel call (decode stack)", len(self.layers))
         stack = self._decode_stack
         return stack if stack is not None and self.use_decode_stack and stack.applies(hidden, kv_caches,
                                                                                        metadata) else None

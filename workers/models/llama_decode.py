@@ -12,6 +12,7 @@ one token. Everything else (prefill, mixed steps, other devices, gloo across hos
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,7 @@ class DecoderStackParts:
     head_dim: int
     scale: float
 
+_MAX_BLOCKS = 6  # the one entry of the shape vector that changes per step (decoder_stack.cpp's kMaxBlocks)
 _LAYER_SLOTS = 12  # per layer: input norm, qkv, qkv bias, o, o bias, post norm, gate_up, its bias, down, its bias,
 # k cache, v cache (decoder_stack.cpp's LayerSlot order)
 
@@ -70,7 +72,12 @@ class DecodeStack:
         self.final_norm = parts.final_norm.weight
         self.cos_sin = parts.cos_sin
         self._weights = [_weight_addresses(layer) for layer in parts.layers]  # [layers][10]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self._scratch_per_token = 2 * q_size + 2 * kv_size + 3 * self.intermediate  # qkv, attention, gate_up, act
         self._table: torch.Tensor | None = None  # [layers, 12] int64, built for one set of caches
+        # decoder_stack.cpp's Dim order; max_blocks set per step. Plain memory, not a tensor: the stack is built
+        # under the runner's inference mode and updated outside it as well.
+        self._dims = (ctypes.c_int64 * 8)()
         self._table_caches: list[torch.Tensor] = []
 
     @staticmethod
@@ -103,18 +110,15 @@ class DecodeStack:
         block_tables, seq_lens = metadata.decode_block_tables, metadata.decode_seq_lens
         assert block_tables is not None and seq_lens is not None and block_tables.is_contiguous()
         tokens = hidden.shape[0]
-        block_size = kv_caches[0].shape[2]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        table = self._layer_table(kv_caches)
+        self._dims[_MAX_BLOCKS] = block_tables.shape[1]
         residual = torch.empty_like(hidden)
-        scratch = torch.empty(tokens * (q_size + 2 * kv_size + q_size + 3 * self.intermediate), dtype=torch.float32)
-        dims = torch.tensor([self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate,
-                             block_size, block_tables.shape[1], int(kv_caches[0].dtype == torch.bfloat16)],
-                            dtype=torch.int64)
+        scratch = torch.empty(tokens * self._scratch_per_token, dtype=torch.float32)
         communicator = tensor_parallel.shm_communicator() if self.tp_size > 1 else None
         collective = communicator.native_fields() if communicator is not None else None
         cpu_kernels.library().llama_decode_stack_f32(  # type: ignore[union-attr]
-            hidden.data_ptr(), residual.data_ptr(), scratch.data_ptr(), self._layer_table(kv_caches).data_ptr(),
-            len(self._weights), dims.data_ptr(), self.final_norm.data_ptr(), self.cos_sin.data_ptr(),
+            hidden.data_ptr(), residual.data_ptr(), scratch.data_ptr(), table.data_ptr(), len(self._weights),
+            ctypes.addressof(self._dims), self.final_norm.data_ptr(), self.cos_sin.data_ptr(),
             positions.data_ptr(), metadata.slot_mapping.data_ptr(), block_tables.data_ptr(),
             seq_lens.data_ptr(), tokens, self.eps, self.scale, None if collective is None else collective.data_ptr())
         if communicator is not None and collective is not None:
@@ -122,7 +126,8 @@ class DecodeStack:
         return hidden
 
     def _layer_table(self, kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        """Weight and cache addresses per layer; rebuilt only when the caches are other tensors."""
+        """Weight and cache addresses per layer, and the shapes the caches fix; rebuilt only when the caches are
+        other tensors."""
         same = len(self._table_caches) == len(kv_caches) and all(
             a is b for a, b in zip(self._table_caches, kv_caches, strict=True))
         if self._table is None or not same:
@@ -131,6 +136,9 @@ class DecodeStack:
             self._table = torch.tensor(rows, dtype=torch.int64)  # [layers, 12]
             assert self._table.shape[1] == _LAYER_SLOTS
             self._table_caches = list(kv_caches)
+            cache = kv_caches[0]  # [2, blocks, block_size, kv_heads, head_dim], one dtype for all layers
+            self._dims[:] = [self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate,
+                             cache.shape[2], 0, int(cache.dtype == torch.bfloat16)]
         return self._table
 
 
