@@ -75,7 +75,11 @@ int64_t barrier(char* segment, int64_t world, int64_t rank, int64_t sequence) {
         continue;
       }
       sched_yield();
-      if (spins % kYieldsBetweenLivenessChecks == 0 && process_gone(line->pid)) return 1 + other;
+      // Read the announcement again after finding the peer gone: it may have announced, finished the call and
+      // exited while this rank was yielding, which is no failure.
+      if (spins % kYieldsBetweenLivenessChecks == 0 && process_gone(line->pid) &&
+          __atomic_load_n(&line->sequence, __ATOMIC_ACQUIRE) < sequence)
+        return 1 + other;
     }
   }
   return 0;
