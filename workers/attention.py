@@ -10,8 +10,7 @@ One step's tokens from all requests are concatenated into one `[num_tokens]` bat
 Each layer first writes the new tokens' K/V into the paged cache (`slot_mapping`), then reads the context back
 through the block tables, whole blocks at a time (one contiguous copy per block, far cheaper than per-slot
 gathers). Requests with query_len > 1 run one SDPA call each; all query_len == 1 requests run together in one
-batched SDPA call with a padding mask. On CPU, half-precision attention is computed in float32: torch's CPU
-SDPA kernels are several times slower in bfloat16 on machines without native bf16 matmul.
+batched SDPA call with a padding mask. Half-precision attention runs in half precision, as in transformers.
 
 In float32 on CPU the fused kernels (`workers.kernels.cpu`) take the cache write and the decode attention: the
 decode kernel reads each request's blocks where they lie, so there is neither the gathered copy nor padding.
@@ -168,6 +167,8 @@ class Attention(nn.Module):
         assert block_tables is not None and mask is not None and seq_lens is not None
         if fused:  # reads each request's blocks in place: no gathered copy, no padding
             return cpu_kernels.paged_decode_attention(q, kv_cache, block_tables, seq_lens, self.scale)  # [D, H, hd]
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            return self._decode_by_length(q, kv_cache, block_tables, seq_lens)
         num_decodes = block_tables.shape[0]
         block_ids = block_tables.flatten()  # [D * max_blocks]
         k_ctx, v_ctx = (_gather_blocks(kv_cache[i], block_ids).view(num_decodes, -1, self.num_kv_heads, self.head_dim)
@@ -176,6 +177,26 @@ class Attention(nn.Module):
                     k_ctx.transpose(1, 2), v_ctx.transpose(1, 2),  # [D, kvh, max_len, hd]
                     mask, self.scale)  # [D, H, 1, hd]
         return out.squeeze(2)  # [D, H, hd]
+
+    def _decode_by_length(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                          seq_lens: torch.Tensor) -> torch.Tensor:
+        """Half-precision decode on CPU: one SDPA call per distinct context length, keys trimmed to it. Padding
+        the keys to a common length and masking changes how torch's kernel sums the softmax, and with it one
+        output element in 3-7% of rows at short contexts: enough to move greedy tokens away from transformers'."""
+        block_size = kv_cache.shape[2]
+        lengths = seq_lens.tolist()
+        out = torch.empty_like(q)  # [D, H, hd]
+        for length in sorted(set(lengths)):
+            rows = torch.tensor([i for i, other in enumerate(lengths) if other == length], device=q.device)  # [d]
+            block_ids = block_tables.index_select(0, rows)[:, : -(-length // block_size)].flatten()
+            k_ctx, v_ctx = (_gather_blocks(kv_cache[i], block_ids).view(len(rows), -1, self.num_kv_heads,
+                                                                        self.head_dim)[:, :length]
+                            for i in (0, 1))  # [d, length, kvh, hd] each
+            group = F.scaled_dot_product_attention(
+                q.index_select(0, rows).unsqueeze(2), k_ctx.transpose(1, 2).to(q.dtype), v_ctx.transpose(1, 2).to(q.dtype),
+                scale=self.scale, enable_gqa=True)  # [d, H, 1, hd]
+            out.index_copy_(0, rows, group.squeeze(2))
+        return out
 
 
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -188,12 +209,14 @@ def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
           scale: float) -> torch.Tensor:
-    """SDPA with grouped KV heads; causal when `mask` is None. Half precision on CPU runs in float32; keys and
-    values read from a cache of another dtype are cast to the queries' dtype."""
+    """SDPA with grouped KV heads; causal when `mask` is None. Keys and values read from a cache of another dtype
+    are cast to the queries' dtype.
+
+    Half precision stays half precision, on CPU too: torch's CPU flash attention rounds each key block's
+    probabilities to bfloat16/float16 before they weight the values, and transformers runs that same kernel, so
+    computing in float32 instead (about 80% of output elements equal) made greedy tokens drift from
+    transformers' within a few layers. Measured on the 2-core AVX2 machine: as fast as float32 for a prefill,
+    about 5x slower for a 16-request decode (no native bfloat16 matmul there; serve float32 on such CPUs)."""
     dtype = q.dtype
-    k, v = k.to(dtype), v.to(dtype)
-    if q.device.type == "cpu" and dtype != torch.float32:
-        q, k, v = q.float(), k.float(), v.float()
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                         enable_gqa=True)
-    return out.to(dtype)
+    return F.scaled_dot_product_attention(q, k.to(dtype), v.to(dtype), attn_mask=mask, is_causal=mask is None,
+                                          scale=scale, enable_gqa=True)
