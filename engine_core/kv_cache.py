@@ -138,7 +138,8 @@ class KVCacheManager:
         assert not request.block_ids, "prefix lookup is for requests that hold no blocks"
         if not self.enable_prefix_caching:
             return [], 0
-        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt)
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt,
+                            request.mm_items)
         max_cached_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVCacheBlock] = []
         for block_hash in request.block_hashes[:max_cached_blocks]:
@@ -179,7 +180,8 @@ class KVCacheManager:
         num_full_blocks = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
         if num_full_blocks <= request.num_committed_blocks:
             return
-        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt)
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt,
+                            request.mm_items)
         for index in range(request.num_committed_blocks, num_full_blocks):
             block = self.pool.blocks[request.block_ids[index]]
             self.pool.cache_block(block, request.block_hashes[index])

@@ -128,6 +128,25 @@ class AudioInput(msgspec.Struct, **_WIRE):
     samples: bytes
 
 
+class MultiModalItem(msgspec.Struct, **_WIRE):
+    """One image of a prompt as the frontend's processor left it: pixel values as raw little-endian bytes with
+    their shape and dtype, and the run of placeholder tokens in the prompt its embeddings replace.
+
+        prompt_token_ids:  ... USER: <image> <image> ... <image> What is this? ...
+                                 ^offset      length tokens      ^offset + length
+
+    `content_hash` (media bytes + processor settings) joins the prefix-cache hash of every block that overlaps
+    the placeholders."""
+
+    modality: str  # "image"
+    pixel_values: bytes
+    shape: list[int]
+    dtype: str  # numpy dtype name: "float32"
+    offset: int
+    length: int
+    content_hash: str
+
+
 class TokenLogprobs(msgspec.Struct, **_WIRE):
     """Log-probabilities for one generated position (raw model distribution, before sampling transforms)."""
 
@@ -157,6 +176,7 @@ class EngineCoreRequest(msgspec.Struct, tag="req", **_WIRE):
     kv_transfer_params: Union[dict[str, Any], None] = None
     pooling_params: Union[PoolingParams, None] = None
     audio: Union[AudioInput, None] = None  # encoder-decoder speech models: the audio the decoder attends to
+    mm_items: list[MultiModalItem] = []  # images, in prompt order (placeholder ranges never overlap)
 
 
 class AbortRequest(msgspec.Struct, tag="abort", **_WIRE):
@@ -340,6 +360,7 @@ class NewRequestData(msgspec.Struct, **_WIRE):
     eos_token_id: Union[int, None] = None  # masked until min_tokens are out
     pooling_params: Union[PoolingParams, None] = None  # a pooling request: pool once the prompt is computed
     audio: Union[AudioInput, None] = None  # encoder-decoder: encode once, at the first step (again after preemption)
+    mm_items: list[MultiModalItem] = []  # encoded when a step first reaches their placeholders
 
 
 class CachedRequestData(msgspec.Struct, **_WIRE):

@@ -17,8 +17,8 @@ import enum
 from typing import Any
 
 from engine_core.block_hash import BlockHash
-from engine_core.protocol import (AudioInput, EngineCoreOutput, EngineCoreRequest, PoolingOutput, PoolingParams,
-                                  RepetitionDetection, SamplingParams, TokenLogprobs)
+from engine_core.protocol import (AudioInput, EngineCoreOutput, EngineCoreRequest, MultiModalItem, PoolingOutput,
+                                  PoolingParams, RepetitionDetection, SamplingParams, TokenLogprobs)
 
 
 class RequestStatus(enum.IntEnum):
@@ -66,6 +66,7 @@ class Request:
         kv_transfer_params: dict[str, Any] | None = None,
         pooling_params: PoolingParams | None = None,
         audio: AudioInput | None = None,
+        mm_items: list[MultiModalItem] | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -81,6 +82,7 @@ class Request:
         self.kv_transfer_params_out: dict[str, Any] | None = None  # for the response: a producer's hand-off
         self.pooling_params = pooling_params  # a pooling request: finishes with its pooled result, no tokens
         self.audio = audio  # encoder-decoder speech: sent to the worker with every (re)start
+        self.mm_items = mm_items or []  # images: sent to the worker with every (re)start; hashed into blocks
 
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
@@ -114,6 +116,7 @@ class Request:
             kv_transfer_params=req.kv_transfer_params,
             pooling_params=req.pooling_params,
             audio=req.audio,
+            mm_items=req.mm_items,
         )
 
     @property

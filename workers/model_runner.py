@@ -43,6 +43,7 @@ from workers.layers.cpu_gemm import native_bf16_cpu
 from workers.layers.pooler import PoolingError, pool
 from workers.loading.loader import load_hf_config
 from workers.models import PoolingModel, build_model
+from workers.multimodal import MultiModalModel, MultiModalRequests, is_multimodal
 from workers.sampling.prompt_logprobs import PromptLogprobsPlan, compute_prompt_logprobs, wants_prompt_logprobs
 from workers.sampling.sampler import Sampler
 from workers.sampling.state import RequestSamplingState, make_sampling_state
@@ -134,6 +135,8 @@ class ModelRunner:
         self.encoder_decoder = (EncoderDecoderRequests(cast("WhisperForConditionalGeneration", self.model),
                                                        self.hf_config, device, model_config.model)
                                 if getattr(self.model, "is_encoder_decoder", False) else None)
+        self.multimodal = (MultiModalRequests(cast(MultiModalModel, self.model), device)
+                           if is_multimodal(self.model) else None)
         self.kv_connector: KVConnectorWorker | None = None  # disaggregated prefill/decode, set by the worker
         # Grammar matchers for structured outputs: rank 0 samples, so only rank 0 keeps them. A pooling model's
         # tokenizer (e.g. BERT's) is no generation vocabulary, and it never samples.
@@ -216,12 +219,13 @@ class ModelRunner:
                                      kv_connector_output=self._kv_connector_output(), rank=self.tp_rank)
         inputs = self._prepare_inputs(request_ids, scheduler_output.num_scheduled_tokens)
         cross_slots = self._prepare_cross_attention(request_ids, inputs)
+        inputs_embeds = self._merge_images(request_ids, inputs)
         masks = None  # structured outputs: this step's token masks, computed on a thread during the forward
         if self.structured_output is not None and inputs.sampling_reqs:
             masks = self.structured_output.start(
                 [(request_ids[i], self.requests[request_ids[i]].sampling) for i in inputs.sampling_reqs],
                 self.requests.keys())
-        hidden = self._forward(inputs, cross_slots)  # [num_tokens, hidden]
+        hidden = self._forward(inputs, cross_slots, inputs_embeds)  # [num_tokens, hidden]
         sampled: list[list[int]] = [[] for _ in request_ids]
         logprobs: list[list[TokenLogprobs] | None] = [None] * len(request_ids)
         prompt_logprobs = None
@@ -242,7 +246,11 @@ class ModelRunner:
                                  prompt_logprobs=prompt_logprobs, request_errors=request_errors or None,
                                  pooling_outputs=pooling_outputs)
 
-    def _forward(self, inputs: _StepInputs, cross_slots: list[int] | None = None) -> torch.Tensor:
+    def _forward(self, inputs: _StepInputs, cross_slots: list[int] | None = None,
+                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if inputs_embeds is not None:
+            return self.model(inputs.input_ids, inputs.metadata.positions, self.kv_caches, inputs.metadata,
+                              inputs_embeds=inputs_embeds)
         if cross_slots is not None:
             return cast("WhisperForConditionalGeneration", self.model)(
                 inputs.input_ids, inputs.metadata.positions, self.kv_caches, inputs.metadata, cross_slots=cross_slots)
@@ -257,11 +265,27 @@ class ModelRunner:
         if self.encoder_decoder is None:
             return None
         slots = self.encoder_decoder.prepare(request_ids, inputs.request_errors)
+        self._drop_failed_sampling_rows(request_ids, inputs)
+        return slots
+
+    def _merge_images(self, request_ids: list[str], inputs: _StepInputs) -> torch.Tensor | None:
+        """Multimodal models: the step's input embeddings with the images its chunks reach merged in (None when
+        no chunk reaches an image). A request whose image fails leaves the step's sampling rows."""
+        if self.multimodal is None:
+            return None
+        rows = inputs.metadata.query_start_loc
+        chunks = [(request_id, self.requests[request_id].num_computed_tokens,
+                   self.requests[request_id].num_computed_tokens + rows[i + 1] - rows[i], rows[i])
+                  for i, request_id in enumerate(request_ids)]
+        embeds = self.multimodal.inputs_embeds(inputs.input_ids, chunks, inputs.request_errors)
+        self._drop_failed_sampling_rows(request_ids, inputs)
+        return embeds
+
+    def _drop_failed_sampling_rows(self, request_ids: list[str], inputs: _StepInputs) -> None:
         keep = [row for row, i in enumerate(inputs.sampling_reqs) if request_ids[i] not in inputs.request_errors]
         if len(keep) < len(inputs.sampling_reqs):
             inputs.sampling_reqs = [inputs.sampling_reqs[row] for row in keep]
             inputs.sample_rows = inputs.sample_rows[torch.tensor(keep, dtype=torch.int64).to(self.device)]
-        return slots
 
     def _kv_connector_output(self) -> KVConnectorOutput | None:
         return self.kv_connector.collect() if self.kv_connector is not None else None
@@ -271,10 +295,15 @@ class ModelRunner:
             self.requests.pop(request_id, None)
             if self.encoder_decoder is not None:
                 self.encoder_decoder.finish(request_id)
+            if self.multimodal is not None:
+                self.multimodal.finish(request_id)
         for new in scheduler_output.new_requests:
             self.requests[new.request_id] = self._new_state(new)
             if self.encoder_decoder is not None:
                 self.encoder_decoder.start(new.request_id, new.audio)
+            if self.multimodal is not None:
+                self.multimodal.finish(new.request_id)  # a preempted request restarts from scratch
+                self.multimodal.start(new.request_id, new.mm_items)
         for diff in scheduler_output.cached_requests:
             state = self.requests[diff.request_id]
             state.token_ids.extend(diff.new_token_ids)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from engine_core.config import CacheConfig, ModelConfig
-from engine_core.protocol import CachedRequestData, ModelRunnerOutput, NewRequestData, SamplingParams, SchedulerOutput
+from engine_core.protocol import (CachedRequestData, ModelRunnerOutput, MultiModalItem, NewRequestData, SamplingParams,
+                                  SchedulerOutput)
 from workers.model_runner import ModelRunner
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -29,6 +30,7 @@ class _DriverRequest:
     unsent_block_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    mm_items: list[MultiModalItem] = field(default_factory=list)
 
 
 class RunnerDriver:
@@ -41,12 +43,14 @@ class RunnerDriver:
         self.finished: list[str] = []
 
     def add(self, request_id: str, token_ids: list[int], params: SamplingParams = GREEDY,
-            cached_block_ids: list[int] | None = None, num_prompt_tokens: int | None = None) -> None:
+            cached_block_ids: list[int] | None = None, num_prompt_tokens: int | None = None,
+            mm_items: list[MultiModalItem] | None = None) -> None:
         """`cached_block_ids`: full blocks whose KV already holds this request's first tokens (prefix hit)."""
         cached = list(cached_block_ids or [])
         self.requests[request_id] = _DriverRequest(
             list(token_ids), len(token_ids) if num_prompt_tokens is None else num_prompt_tokens, params,
-            block_ids=cached, num_computed_tokens=len(cached) * self.block_size, unsent_block_ids=list(cached))
+            block_ids=cached, num_computed_tokens=len(cached) * self.block_size, unsent_block_ids=list(cached),
+            mm_items=list(mm_items or []))
 
     def step(self, num_scheduled: dict[str, int]) -> ModelRunnerOutput:
         new, cached = [], []
@@ -55,7 +59,8 @@ class RunnerDriver:
             self._allocate(request, request.num_computed_tokens + num_tokens)
             if not request.sent:
                 new.append(NewRequestData(request_id, list(request.token_ids), request.num_prompt_tokens,
-                                          request.params, list(request.block_ids), request.num_computed_tokens))
+                                          request.params, list(request.block_ids), request.num_computed_tokens,
+                                          mm_items=request.mm_items))
                 request.sent = True
             else:
                 cached.append(CachedRequestData(request_id, request.unsent_token_ids, request.unsent_block_ids,
@@ -68,7 +73,8 @@ class RunnerDriver:
             request = self.requests[request_id]
             request.num_computed_tokens += num_scheduled[request_id]
             reached_end = request.num_computed_tokens == len(request.token_ids)
-            assert len(sampled) == (1 if reached_end else 0), (request_id, sampled)
+            failed = request_id in (output.request_errors or {})
+            assert len(sampled) == (1 if reached_end and not failed else 0), (request_id, sampled)
             for token_id in sampled:
                 request.token_ids.append(token_id)
                 request.unsent_token_ids.append(token_id)

@@ -33,6 +33,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "XLMRobertaModel": ("bert", "RobertaModel"),
     "XLMRobertaForSequenceClassification": ("bert", "RobertaForSequenceClassification"),
     "WhisperForConditionalGeneration": ("whisper", "WhisperForConditionalGeneration"),
+    "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
 }
 # A causal LM served with `--runner pooling`: (architecture, convert) -> the class built instead.
 _POOLING_CONVERSIONS: dict[tuple[str, str], tuple[str, str]] = {
@@ -44,7 +45,7 @@ _POOLING_CONVERSIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("Qwen2ForCausalLM", "classify"): ("llama", "Qwen2ForSequenceClassification"),
 }
 _GENERATIVE = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                         "WhisperForConditionalGeneration"})
+                         "WhisperForConditionalGeneration", "LlavaForConditionalGeneration"})
 # model_type fallback for configs without `architectures` (some GGUF-derived configs)
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "whisper": "WhisperForConditionalGeneration"}

@@ -114,8 +114,9 @@ class LlamaModel(nn.Module):
         self.use_decode_stack = True  # scripts/profile_step.py turns it off to time the layers one by one
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+                metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`inputs_embeds` [T, hidden] replaces the token embeddings (a multimodal model merged images in)."""
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, hidden]
         stack = self._decode_stack_for_step(hidden, kv_caches, metadata)
         if stack is not None:
             return stack(hidden, positions, kv_caches, metadata)  # [T, hidden]
