@@ -24,7 +24,23 @@ def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
                           enable_auto_tool_choice=args.enable_auto_tool_choice,
                           tool_call_parser=args.tool_call_parser,
                           exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
-                          trust_request_chat_template=args.trust_request_chat_template)
+                          trust_request_chat_template=args.trust_request_chat_template,
+                          allowed_local_media_path=args.allowed_local_media_path,
+                          allowed_media_domains=(None if args.allowed_media_domains is None
+                                                 else tuple(args.allowed_media_domains)),
+                          limit_mm_per_prompt=_media_limits(args.limit_mm_per_prompt))
+
+
+def _media_limits(text: str) -> dict[str, int]:
+    try:
+        limits = parse_json_object(text, "--limit-mm-per-prompt")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    for modality, limit in limits.items():
+        if modality not in ("image", "video") or not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise SystemExit(f"--limit-mm-per-prompt: {modality!r}: {limit!r} is not a modality (image, video) with "
+                             "a count >= 0")
+    return limits
 
 
 def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tuple[EngineConfig, FrontendConfig]:

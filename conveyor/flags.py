@@ -48,6 +48,14 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-request-chat-template", action="store_true",
                        help="accept a chat_template in requests (templates run sandboxed, but a client could still "
                             "send one that renders for a very long time)")
+    group.add_argument("--allowed-local-media-path", default=None,
+                       help="a folder requests may read images from with file:// URLs (symlinks resolved; nothing "
+                            "outside it); without it file:// URLs are refused")
+    group.add_argument("--allowed-media-domains", nargs="+", default=None,
+                       help="hosts requests may fetch http(s) images from (redirects out of them are refused); "
+                            "default: any host")
+    group.add_argument("--limit-mm-per-prompt", default="{}",
+                       help='most media items per prompt, as JSON: \'{"image": 4}\' (default 999 per modality)')
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:

@@ -169,6 +169,9 @@ class FrontendConfig:
     tool_call_parser: str | None = None  # --tool-call-parser: a name registered in frontend.generate.tool_parsers
     exclude_tools_when_tool_choice_none: bool = False  # tool_choice "none": keep tools out of the chat template
     trust_request_chat_template: bool = False  # accept a request's own `chat_template` (vLLM refuses it by default)
+    allowed_local_media_path: str | None = None  # file:// media only from inside this folder (none: no file:// at all)
+    allowed_media_domains: tuple[str, ...] | None = None  # http(s) media only from these hosts (None: any host)
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)  # modality -> most items in one prompt
 
 
 @dataclass(frozen=True)

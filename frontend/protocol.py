@@ -8,7 +8,7 @@ its own schemas in its package (`frontend/generate/protocol.py`, `frontend/pooli
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -48,8 +48,27 @@ class TextPart(OpenAIModel):
     text: str
 
 
-def _text_only_message(part_type: Any, index: int | None = None) -> str:
-    where = "a message" if index is None else f"message {index}"
+class ImageURL(OpenAIModel):
+    url: str
+    detail: Optional[str] = None  # OpenAI's "auto" | "low" | "high": accepted; the model's processor decides
+
+
+class ImageURLPart(OpenAIModel):
+    type: Literal["image_url"]
+    image_url: Optional[ImageURL] = None  # required; checked with the model (a text-only model answers so first)
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _url_as_string(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value  # vLLM accepts the bare URL too
+
+
+ContentPart = Annotated[Union[TextPart, ImageURLPart], Field(discriminator="type")]
+_CHAT_PART_TYPES = ("text", "image_url")
+
+
+def text_only_message(part_type: Any, index: int | None = None) -> str:
+    where = "a message" if index is None else f"messages[{index}]"
     return (f"{where} has a content part of type {part_type!r}: this model is text-only, so only text parts "
             "are accepted (no images, audio or video)")
 
@@ -60,16 +79,18 @@ class ChatMessage(OpenAIModel):
     model_config = ConfigDict(extra="allow")
 
     role: str
-    content: Optional[Union[str, list[TextPart]]] = None
+    content: Optional[Union[str, list[ContentPart]]] = None
 
     @field_validator("content", mode="before")
     @classmethod
-    def _only_text_parts(cls, content: Any) -> Any:
+    def _known_part_types(cls, content: Any) -> Any:
+        """Text and image parts parse here; whether the model takes images is the endpoint's question."""
         if isinstance(content, list):
             for part in content:
                 part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
-                if part_type != "text":
-                    raise ValueError(_text_only_message(part_type))
+                if part_type not in _CHAT_PART_TYPES:
+                    raise ValueError(f"a message has a content part of type {part_type!r}: only "
+                                     "text and image_url parts are supported (images on vision-language models only)")
         return content
 
     @model_validator(mode="after")
@@ -81,7 +102,10 @@ class ChatMessage(OpenAIModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def image_part_count(self) -> int:
+        return 0 if not isinstance(self.content, list) else sum(isinstance(part, ImageURLPart) for part in self.content)
 
 
 class ChatTemplateFields(OpenAIModel):
@@ -99,14 +123,16 @@ class ChatTemplateFields(OpenAIModel):
 
     @field_validator("messages", mode="before")
     @classmethod
-    def _text_only(cls, messages: Any) -> Any:
-        """Image/audio/video parts: a 400 for the `messages` parameter (the served models are text-only)."""
+    def _known_part_types(cls, messages: Any) -> Any:
+        """Audio/video/other parts: a 400 for the `messages` parameter, naming the message. Image parts pass;
+        `check_images_allowed` answers for models and endpoints that take none."""
         for index, message in enumerate(messages if isinstance(messages, list) else []):
             content = message.get("content") if isinstance(message, dict) else None
             for part in content if isinstance(content, list) else []:
                 part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
-                if part_type != "text":
-                    raise ValueError(_text_only_message(part_type, index))
+                if part_type not in _CHAT_PART_TYPES:
+                    raise ValueError(f"messages[{index}] has a content part of type {part_type!r}: only "
+                                     "text and image_url parts are supported (images on vision-language models only)")
         return messages
 
     @model_validator(mode="after")

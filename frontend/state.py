@@ -14,6 +14,8 @@ from frontend.engine_client import EngineClient
 from frontend.errors import BadRequestError, EngineDeadError, NotFoundError
 from frontend.generation_config import EosConfig, load_generation_defaults
 from frontend.metrics import FrontendMetrics
+from frontend.multimodal.media_fetch import MediaFetchConfig
+from frontend.multimodal.vision_model import VisionModel, load_vision_model
 from frontend.speech.whisper import WhisperVocab, is_whisper
 from frontend.tokenizer import TokenizerInfo
 
@@ -36,6 +38,8 @@ class FrontendState:
     created: int  # unix time of start-up, shown in /v1/models
     score_template: ChatTemplate | None = None  # --score-template: renders a (query, document) pair for /score
     speech: WhisperVocab | None = None  # set exactly for a Whisper (speech-to-text) model
+    vision: VisionModel | None = None  # set for a model that takes images
+    media: MediaFetchConfig = MediaFetchConfig()  # how image URLs may be fetched (--allowed-* flags, env limits)
 
     @classmethod
     def build(cls, model_config: ModelConfig, frontend_config: FrontendConfig,
@@ -50,7 +54,10 @@ class FrontendState:
                    metrics=FrontendMetrics(model_config.served_model_name, lambda: engine.engine_stats),
                    api_key=resolve_api_key(frontend_config.api_key), created=int(time.time()),
                    score_template=load_score_template(model_config, tokenizer.special_tokens),
-                   speech=_load_speech_vocab(model_config, tokenizer))
+                   speech=_load_speech_vocab(model_config, tokenizer),
+                   vision=load_vision_model(model_config.model),
+                   media=MediaFetchConfig.from_env(frontend_config.allowed_local_media_path,
+                                                   frontend_config.allowed_media_domains))
 
     @property
     def is_speech_model(self) -> bool:

@@ -1,4 +1,5 @@
-"""Tiny deterministic vision-language checkpoints for tests (written by scripts/make_tiny_models.py).
+"""Tiny deterministic vision-language checkpoints for tests: `python scripts/tiny_multimodal_models.py --out DIR`
+(scripts/make_tiny_models.py writes them too, beside the text models).
 
 `llava`: LlavaForConditionalGeneration with a 2-layer CLIP vision tower (56 x 56 images, 14-pixel patches: 16
 image tokens per image), the 2-layer projector and the tiny Llama as the language model, SmolLM2's real tokenizer
@@ -75,3 +76,25 @@ def write_llava_model(out_dir: Path, tokenizer: Any, text_config: Any) -> None:
     generation = {"bos_token_id": 1, "eos_token_id": 2}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
     print(f"wrote {folder}", flush=True)
+
+
+def main() -> None:
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    from make_tiny_models import smollm2_gguf_path, tiny_configs  # the text side and tokenizer they share
+
+    gguf_path = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_llava_model(args.out, tokenizer, tiny_configs()["llama"])
+
+
+if __name__ == "__main__":
+    main()

@@ -249,8 +249,8 @@ class ModelRunner:
     def _forward(self, inputs: _StepInputs, cross_slots: list[int] | None = None,
                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         if inputs_embeds is not None:
-            return self.model(inputs.input_ids, inputs.metadata.positions, self.kv_caches, inputs.metadata,
-                              inputs_embeds=inputs_embeds)
+            return cast(MultiModalModel, self.model)(inputs.input_ids, inputs.metadata.positions, self.kv_caches,
+                                                     inputs.metadata, inputs_embeds=inputs_embeds)
         if cross_slots is not None:
             return cast("WhisperForConditionalGeneration", self.model)(
                 inputs.input_ids, inputs.metadata.positions, self.kv_caches, inputs.metadata, cross_slots=cross_slots)

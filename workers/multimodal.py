@@ -17,11 +17,17 @@ import torch
 
 if TYPE_CHECKING:
     from engine_core.protocol import MultiModalItem
+    from workers.attention import AttentionMetadata
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class MultiModalModel(Protocol):
+    """A `workers.models.CausalLM` that also takes images: its forward accepts merged `inputs_embeds`."""
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                 attn_metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor: ...
+
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] -> [T, hidden]"""
         ...

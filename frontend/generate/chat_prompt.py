@@ -9,28 +9,48 @@ from typing import TYPE_CHECKING, Any, Literal
 from frontend.chat_template import ChatTemplateError, ContentFormat, request_chat_template
 from frontend.errors import BadRequestError
 from frontend.generate.tool_calling import template_tool_calls
-from frontend.protocol import ChatMessage, ChatTemplateFields
+from frontend.protocol import ChatMessage, ChatTemplateFields, ImageURLPart, TextPart, text_only_message
 
 if TYPE_CHECKING:
     from frontend.state import FrontendState
 
 
-def message_for_template(message: ChatMessage, content_format: ContentFormat) -> dict[str, Any]:
-    """One message as the template expects it: content as a string, or as a list of text parts."""
+def message_for_template(message: ChatMessage, content_format: ContentFormat,
+                         image_placeholder: str = "") -> dict[str, Any]:
+    """One message as the template expects it: content as a string (an image part becomes the model's placeholder
+    text where it stood), or as a list of parts (an image part becomes `{"type": "image"}`, as in transformers'
+    templates)."""
     data = message.model_dump(exclude_none=True)
+    parts = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else [
+        part.model_dump() if isinstance(part, TextPart) else {"type": "image"} for part in message.content or []]
     if content_format == "string":
-        data["content"] = message.text()
-    elif isinstance(message.content, str):
-        data["content"] = [{"type": "text", "text": message.content}]
+        data["content"] = "\n".join(part["text"] if part["type"] == "text" else image_placeholder for part in parts)
     else:
-        data["content"] = [part.model_dump() for part in message.content or []]
+        data["content"] = parts
     return data
 
 
+def check_images_allowed(frontend: FrontendState, fields: ChatTemplateFields, endpoint: str | None) -> None:
+    """400 for image parts sent to a text-only model, or to an endpoint (`None`) that does not take them yet."""
+    for index, message in enumerate(fields.messages):
+        if not message.image_part_count():
+            continue
+        if frontend.vision is None:
+            raise BadRequestError(text_only_message("image_url", index), param="messages")
+        if endpoint is None:
+            raise BadRequestError("image parts in messages are accepted on /v1/chat/completions; this endpoint takes text only",
+                                  param="messages")
+        if any(isinstance(part, ImageURLPart) and part.image_url is None for part in message.content or []):
+            raise BadRequestError(f"messages[{index}] has an image_url part without image_url.url", param="messages")
+
+
 def render_chat_prompt(frontend: FrontendState, fields: ChatTemplateFields,
-                       tools: list[dict[str, Any]] | None | Literal["request"] = "request") -> str:
+                       tools: list[dict[str, Any]] | None | Literal["request"] = "request",
+                       images_endpoint: str | None = None) -> str:
     """The prompt text for a chat request (400 if there is no template or it cannot render these messages).
-    The request's own `chat_template` replaces the model's; `tools` replaces the request's tools."""
+    The request's own `chat_template` replaces the model's; `tools` replaces the request's tools. Image parts are
+    refused unless the model takes images and `images_endpoint` names the endpoint that attaches them."""
+    check_images_allowed(frontend, fields, images_endpoint)
     template = frontend.chat_template
     if fields.chat_template is not None:
         if not frontend.frontend_config.trust_request_chat_template:
@@ -43,7 +63,8 @@ def render_chat_prompt(frontend: FrontendState, fields: ChatTemplateFields,
     if template is None:
         raise BadRequestError("this model has no chat template; pass --chat-template or use /v1/completions",
                               param="messages")
-    messages = [message_for_template(message, template.content_format) for message in fields.messages]
+    placeholder = frontend.vision.image_token if frontend.vision is not None else ""
+    messages = [message_for_template(message, template.content_format, placeholder) for message in fields.messages]
     for index, message in enumerate(messages):
         template_tool_calls(message, index)
     try:

@@ -12,7 +12,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from engine_core.protocol import EngineCoreRequest
+from engine_core.protocol import EngineCoreRequest, MultiModalItem
 from frontend.detokenizer import ChoiceDelta, ChoiceState, IncrementalDetokenizer, TokenRecord
 from frontend.errors import BadRequestError
 from frontend.generate.protocol import SamplingRequest
@@ -66,8 +66,10 @@ async def every_n_tokens(deltas: AsyncIterator[ChoiceDelta], interval: int) -> A
 
 
 def make_choices(frontend: FrontendState, request: SamplingRequest, request_id: str,
-                 prompts: list[list[int]], max_tokens: list[int], logprobs: int | None) -> list[Choice]:
-    """Engine requests for every prompt x n; `max_tokens[p]` is already checked against the context length."""
+                 prompts: list[list[int]], max_tokens: list[int], logprobs: int | None,
+                 mm_items: list[MultiModalItem] | None = None) -> list[Choice]:
+    """Engine requests for every prompt x n; `max_tokens[p]` is already checked against the context length.
+    `mm_items`: the images of a single prompt (chat)."""
     arrival_time = time.time()
     choices: list[Choice] = []
     for prompt_index, prompt_token_ids in enumerate(prompts):
@@ -81,7 +83,7 @@ def make_choices(frontend: FrontendState, request: SamplingRequest, request_id: 
                 request_id=f"{request_id}-{index}", prompt_token_ids=prompt_token_ids, sampling_params=params,
                 eos_token_id=frontend.eos.eos_token_id, arrival_time=arrival_time, priority=request.priority,
                 cache_salt=request.cache_salt, client_index=frontend.engine.client_index,
-                kv_transfer_params=request.kv_transfer_params)
+                kv_transfer_params=request.kv_transfer_params, mm_items=mm_items or [])
             detokenizer = IncrementalDetokenizer(frontend.tokenizer, prompt_token_ids, request.skip_special_tokens)
             state = ChoiceState(index=index, request_id=engine_request.request_id, prompt_index=prompt_index,
                                 detokenizer=detokenizer, stop=request.stop_strings,

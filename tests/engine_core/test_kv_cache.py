@@ -66,6 +66,25 @@ def test_block_hash_chains_parent_and_salt() -> None:
     assert again == plain
 
 
+def test_image_content_keys_the_blocks_its_placeholders_overlap() -> None:
+    from engine_core.protocol import MultiModalItem
+
+    tokens = [7, 8, 9] + [5] * 6 + [10, 11, 12]  # an image's 6 placeholder tokens at 3..8 (blocks 0, 1, 2)
+
+    def hashes(*content_hashes: str) -> list[bytes]:
+        items = [MultiModalItem("image", b"", [0], "float32", 3, 6, content) for content in content_hashes]
+        out: list[bytes] = []
+        extend_block_hashes(out, tokens, BLOCK, None, items)
+        return out
+
+    cat, dog, text_only = hashes("cat"), hashes("dog"), hashes()
+    assert cat == hashes("cat") and len(cat) == 3
+    assert all(a != b for a, b in zip(cat, dog)) and all(a != b for a, b in zip(cat, text_only))
+    late: list[bytes] = []  # an image starting in block 2 leaves blocks 0 and 1 as for text
+    extend_block_hashes(late, tokens, BLOCK, None, [MultiModalItem("image", b"", [0], "float32", 9, 3, "cat")])
+    assert late[:2] == text_only[:2] and late[2] != text_only[2]
+
+
 def test_prefix_hit_shares_blocks_and_counts_refs() -> None:
     manager = KVCacheManager(num_blocks=16, block_size=BLOCK)
     first = new_request(list(range(10, 22)), "a")  # 3 full blocks

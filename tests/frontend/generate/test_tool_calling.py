@@ -298,7 +298,7 @@ def test_required_single_call_schema(servers: dict[str, FrontendHarness], tool_c
         {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages", "text-only"),
     ("plain", {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
-     "messages", "text-only"),
+     "messages", "input_audio"),
     ("plain", {"messages": [{"role": "assistant", "content": None,
                              "tool_calls": [{"id": "c", "type": "function",
                                              "function": {"name": "f", "arguments": "{not json"}}]}]},

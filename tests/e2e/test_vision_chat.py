@@ -1,0 +1,171 @@
+"""Images in chat against transformers, through the real server: the tiny LLaVA served with
+`--allowed-local-media-path`, images sent as data: and file:// URLs with the openai client. Greedy text equals
+transformers' LlavaForConditionalGeneration on the same image bytes; the prefix cache reuses an image's blocks
+only for the same image; the URL rules and the per-prompt limit answer 400s naming `messages`."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from tests.server_harness import ConveyorServer
+
+MODEL = "tiny-llava"
+NEW_TOKENS = 8
+QUESTION = "What is in this picture?"
+
+
+def _png(seed: int, width: int, height: int) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _messages(urls: list[str], text: str = QUESTION) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+@lru_cache(maxsize=1)
+def _reference(model_dir: str) -> tuple[Any, Any]:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    return (LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval(),
+            AutoProcessor.from_pretrained(model_dir))
+
+
+def _hf_answer(model_dir: str, pngs: list[bytes], text: str = QUESTION) -> tuple[str, int]:
+    """transformers' greedy text and prompt length for the same images and question."""
+    from PIL import Image
+
+    model, processor = _reference(model_dir)
+    content = [{"type": "image"}] * len(pngs) + [{"type": "text", "text": text}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
+    inputs = processor(images=images, text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    new_ids = out[0, inputs["input_ids"].shape[1]:]
+    return processor.tokenizer.decode(new_ids, skip_special_tokens=True), int(inputs["input_ids"].shape[1])
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("media")
+    (folder / "cat.png").write_bytes(_png(1, 80, 60))
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.png").write_bytes(_png(2, 30, 30))
+    os.symlink(outside / "secret.png", folder / "escape.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llava_server(tiny_models: Path, media_dir: Path) -> Iterator[ConveyorServer]:
+    server = ConveyorServer(str(tiny_models / "llava"), "--served-model-name", MODEL, "--max-model-len", "512",
+                            "--kv-cache-memory", "64MiB", "--allowed-local-media-path", str(media_dir),
+                            "--limit-mm-per-prompt", '{"image": 2}')
+    yield server
+    server.stop()
+
+
+def _chat(server: ConveyorServer, messages: list[dict[str, Any]]) -> Any:
+    return server.openai_client().chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW_TOKENS,
+                                                          temperature=0, extra_body={"ignore_eos": True})
+
+
+def test_image_chat_matches_transformers(llava_server: ConveyorServer, tiny_models: Path, media_dir: Path) -> None:
+    cat = (media_dir / "cat.png").read_bytes()
+    expected_text, expected_prompt_len = _hf_answer(str(tiny_models / "llava"), [cat])
+    by_data = _chat(llava_server, _messages([_data_url(cat)]))
+    assert by_data.choices[0].message.content == expected_text
+    assert by_data.usage.prompt_tokens == expected_prompt_len  # the image's 16 tokens counted
+    by_file = _chat(llava_server, _messages([f"file://{media_dir / 'cat.png'}"]))
+    assert by_file.choices[0].message.content == expected_text
+
+    other = _png(3, 120, 90)
+    two_text, two_len = _hf_answer(str(tiny_models / "llava"), [other, cat], "Compare them.")
+    both = _chat(llava_server, _messages([_data_url(other), _data_url(cat)], "Compare them."))
+    assert (both.choices[0].message.content, both.usage.prompt_tokens) == (two_text, two_len)
+
+
+def test_concurrent_image_and_text_requests_each_get_their_own_answer(llava_server: ConveyorServer,
+                                                                       tiny_models: Path) -> None:
+    pngs = [_png(10 + i, 50 + 10 * i, 70) for i in range(3)]
+    expected = [_hf_answer(str(tiny_models / "llava"), [png])[0] for png in pngs]
+
+    async def burst() -> list[Any]:
+        client = llava_server.async_openai_client()
+        calls = [client.chat.completions.create(model=MODEL, messages=_messages([_data_url(png)]),
+                                                max_tokens=NEW_TOKENS, temperature=0,
+                                                extra_body={"ignore_eos": True}) for png in pngs]
+        calls.append(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
+                                                    max_tokens=NEW_TOKENS, temperature=0))
+        return list(await asyncio.gather(*calls))
+
+    answers = asyncio.run(burst())
+    assert [answer.choices[0].message.content for answer in answers[:3]] == expected
+    assert answers[3].choices[0].message.content
+
+
+def test_prefix_cache_reuses_an_image_only_for_the_same_image(llava_server: ConveyorServer) -> None:
+    text = "Describe every detail of this picture, please, as precisely as you can manage."
+
+    def cached(png: bytes) -> int:
+        details = _chat(llava_server, _messages([_data_url(png)], text)).usage.prompt_tokens_details
+        return details.cached_tokens if details else 0
+
+    first, second = _png(20, 64, 64), _png(21, 64, 64)
+    cached(first)
+    again = cached(first)
+    other = cached(second)
+    assert again >= 16  # the blocks holding the image come from the cache
+    assert other < again and other <= 16  # another image: at most the block before the image ("USER: ") hits
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("file:///etc/passwd", "outside"),
+    ("escape.png", "outside"),  # a symlink inside the folder pointing out of it
+    ("data:image/png;base64,not-base64!", "base64"),
+    ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "image"),
+    ("ftp://example.com/cat.png", "ftp"),
+])
+def test_refused_images_answer_400_naming_messages(llava_server: ConveyorServer, media_dir: Path, url: str,
+                                                   reason: str) -> None:
+    if url == "escape.png":
+        url = f"file://{media_dir / url}"
+    response = httpx.post(f"{llava_server.base_url}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": _messages([url]), "max_tokens": 2})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages" and reason in error["message"].lower(), error
+
+
+def test_limits_and_placeholders(llava_server: ConveyorServer) -> None:
+    png = _data_url(_png(5, 20, 20))
+    too_many = httpx.post(f"{llava_server.base_url}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": _messages([png, png, png]), "max_tokens": 2})
+    assert too_many.status_code == 400 and "at most 2" in too_many.json()["error"]["message"]
+    typed = httpx.post(f"{llava_server.base_url}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": _messages([png], "look: <image>"), "max_tokens": 2})
+    assert typed.status_code == 400 and "placeholder" in typed.json()["error"]["message"]
+    tokenize = httpx.post(f"{llava_server.base_url}/tokenize", timeout=60, json={
+        "model": MODEL, "messages": _messages([png])})
+    assert tokenize.status_code == 400 and tokenize.json()["error"]["param"] == "messages"
+    assert _chat(llava_server, [{"role": "user", "content": "still serving"}]).choices[0].message.content
