@@ -8,17 +8,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request
 
 from frontend.detokenizer import TokenRecord
-from engine_core.protocol import MultiModalItem
-from frontend.errors import APIError, BadRequestError, error_event
+from frontend.errors import APIError, error_event
 from frontend.generate.beam_search import beam_search_all, beam_usage, check_beam_search_request, hypothesis_text
-from frontend.generate.chat_prompt import render_chat_prompt
+from frontend.generate.chat_prompt import attach_chat_images, render_chat_prompt
 from frontend.generate.choices import (Choice, api_request_id, every_n_tokens, kv_transfer_params, make_choices,
                                        run_choices, truncate_prompt, usage)
 from frontend.generate.logprobs import chat_logprobs, prompt_logprobs_json
 from frontend.generate.protocol import ChatCompletionRequest
 from frontend.generate.sampling import check_context_length, default_max_tokens
 from frontend.generate.tool_calling import ChoiceToolOutput, ToolPlan, constrain_choices, plan_tools, request_for_engine
-from frontend.multimodal.chat_images import attach_images, image_urls, prepare_images
 from frontend.state import FrontendState
 from frontend.streaming import SSE_DONE, ClientDisconnected, sse_event, unless_disconnected
 
@@ -34,8 +32,8 @@ class ChatServing:
         frontend.check_generative("/v1/chat/completions")
         tools = plan_tools(request, frontend.frontend_config)
         prompt = render_chat_prompt(frontend, request, tools.template_tools, images_endpoint="/v1/chat/completions")
-        prompt_token_ids, mm_items = await self._attach_images(
-            request, frontend.tokenizer.encode(prompt, request.add_special_tokens))
+        prompt_token_ids, mm_items = await attach_chat_images(
+            frontend, request, frontend.tokenizer.encode(prompt, request.add_special_tokens))
         prompt_token_ids = truncate_prompt(prompt_token_ids, request.truncate_prompt_tokens,
                                            frontend.model_config.max_model_len)
         max_model_len = frontend.model_config.max_model_len
@@ -62,21 +60,6 @@ class ChatServing:
         except ClientDisconnected:
             return Response(status_code=499)
         return JSONResponse(body)
-
-    async def _attach_images(self, request: ChatCompletionRequest,
-                             token_ids: list[int]) -> tuple[list[int], list[MultiModalItem]]:
-        """The prompt with its images' placeholders expanded, and the images for the engine (none: unchanged)."""
-        urls = image_urls(request.messages)
-        vision = self.frontend.vision
-        if not urls or vision is None:  # render_chat_prompt refused images for a model without vision
-            return token_ids, []
-        for field, value in (("truncate_prompt_tokens", request.truncate_prompt_tokens),
-                             ("use_beam_search", request.use_beam_search or None)):
-            if value is not None:
-                raise BadRequestError(f"{field} is not supported with images", param=field)
-        images = await prepare_images(urls, vision, self.frontend.media,
-                                      self.frontend.frontend_config.limit_mm_per_prompt)
-        return attach_images(token_ids, images, vision)
 
     async def _beam_search(self, request: ChatCompletionRequest, request_id: str, prompt_token_ids: list[int],
                            max_tokens: int) -> dict[str, Any]:

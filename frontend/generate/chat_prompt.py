@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
+from engine_core.protocol import MultiModalItem
 from frontend.chat_template import ChatTemplateError, ContentFormat, request_chat_template
 from frontend.errors import BadRequestError
 from frontend.generate.tool_calling import template_tool_calls
+from frontend.multimodal.chat_images import attach_images, image_urls, prepare_images
 from frontend.protocol import ChatMessage, ChatTemplateFields, ImageURLPart, TextPart, text_only_message
 
 if TYPE_CHECKING:
+    from frontend.generate.protocol import ChatCompletionRequest
     from frontend.state import FrontendState
 
 
@@ -74,3 +77,19 @@ def render_chat_prompt(frontend: FrontendState, fields: ChatTemplateFields,
                                documents=fields.documents, extra_kwargs=fields.chat_template_kwargs)
     except ChatTemplateError as exc:
         raise BadRequestError(str(exc), param="messages") from exc
+
+
+async def attach_chat_images(frontend: FrontendState, request: ChatCompletionRequest,
+                             token_ids: list[int]) -> tuple[list[int], list[MultiModalItem]]:
+    """The rendered prompt's tokens with its images' placeholders expanded, and the images for the engine
+    (unchanged and none without images). `render_chat_prompt` has already refused images a model cannot take."""
+    urls = image_urls(request.messages)
+    vision = frontend.vision
+    if not urls or vision is None:
+        return token_ids, []
+    for field, value in (("truncate_prompt_tokens", request.truncate_prompt_tokens),
+                         ("use_beam_search", request.use_beam_search or None)):
+        if value is not None:
+            raise BadRequestError(f"{field} is not supported with images", param=field)
+    images = await prepare_images(urls, vision, frontend.media, frontend.frontend_config.limit_mm_per_prompt)
+    return attach_images(token_ids, images, vision)

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import openai
 import pytest
 import torch
 
@@ -103,6 +104,20 @@ def test_image_chat_matches_transformers(llava_server: ConveyorServer, tiny_mode
     two_text, two_len = _hf_answer(str(tiny_models / "llava"), [other, cat], "Compare them.")
     both = _chat(llava_server, _messages([_data_url(other), _data_url(cat)], "Compare them."))
     assert (both.choices[0].message.content, both.usage.prompt_tokens) == (two_text, two_len)
+
+
+def test_responses_input_image_matches_chat(llava_server: ConveyorServer, media_dir: Path) -> None:
+    url = _data_url((media_dir / "cat.png").read_bytes())
+    chat = _chat(llava_server, _messages([url])).choices[0].message.content
+    response = llava_server.openai_client().responses.create(
+        model=MODEL, max_output_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True},
+        input=[{"role": "user", "content": [{"type": "input_image", "image_url": url, "detail": "auto"},
+                                            {"type": "input_text", "text": QUESTION}]}])
+    assert response.output_text == chat
+    with pytest.raises(openai.BadRequestError) as refused:
+        llava_server.openai_client().responses.create(model=MODEL, input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": "file:///etc/passwd"}]}])
+    assert refused.value.body["param"] == "input"  # type: ignore[index]
 
 
 def test_concurrent_image_and_text_requests_each_get_their_own_answer(llava_server: ConveyorServer,

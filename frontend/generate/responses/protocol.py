@@ -90,21 +90,25 @@ class ResponsesRequest(OpenAIModel):
 # --------------------------------------------------------------------------- input items -> chat messages
 
 
-def _text_of_parts(parts: Any, where: str, param: str) -> list[dict[str, str]]:
-    """Content parts -> chat text parts; only text (input_text, output_text, refusal) is supported."""
+def _text_of_parts(parts: Any, where: str, param: str, images: bool = False) -> list[dict[str, Any]]:
+    """Content parts -> chat parts: text (input_text, output_text, refusal), and with `images` an input_image's
+    `image_url` as chat's image_url part (a `file_id` needs the Files API, which Conveyor does not have)."""
     if not isinstance(parts, list):
         raise BadRequestError(f"invalid value for '{where}': expected a string or a list of content parts",
                               param=param)
-    texts: list[dict[str, str]] = []
+    texts: list[dict[str, Any]] = []
     for index, part in enumerate(parts):
         part_type = part.get("type") if isinstance(part, dict) else None
         if part_type in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
             texts.append({"type": "text", "text": part["text"]})
         elif part_type == "refusal" and isinstance(part.get("refusal"), str):
             texts.append({"type": "text", "text": part["refusal"]})
+        elif images and part_type == "input_image" and isinstance(part.get("image_url"), str):
+            texts.append({"type": "image_url", "image_url": {"url": part["image_url"], "detail": part.get("detail")}})
         else:
+            allowed = "input_text, output_text, input_image (with image_url)" if images else "input_text, output_text"
             raise BadRequestError(f"invalid value for '{where}[{index}]': content parts of type {part_type!r} are "
-                                  "not supported (only input_text, output_text and refusal)", param=param)
+                                  f"not supported (only {allowed} and refusal)", param=param)
     return texts
 
 
@@ -144,7 +148,7 @@ def _message_item(item: dict[str, Any], where: str, param: str) -> dict[str, Any
                               "developer, assistant)", param=param)
     content = item.get("content")
     parts = [{"type": "text", "text": content}] if isinstance(content, str) else \
-        _text_of_parts(content, f"{where}.content", param)
+        _text_of_parts(content, f"{where}.content", param, images=True)
     return {"role": _MESSAGE_ROLES[role], "content": parts}
 
 

@@ -26,7 +26,7 @@ from starlette.requests import Request
 
 from frontend.detokenizer import TokenRecord
 from frontend.errors import APIError, BadRequestError, NotFoundError, validation_error
-from frontend.generate.chat_prompt import render_chat_prompt
+from frontend.generate.chat_prompt import attach_chat_images, render_chat_prompt
 from frontend.generate.choices import Choice, every_n_tokens, make_choices, run_choices, truncate_prompt
 from frontend.generate.logprobs import chat_logprobs
 from frontend.generate.protocol import ChatCompletionRequest
@@ -68,7 +68,7 @@ class ResponsesServing:
         if request.background and not request.store:
             raise BadRequestError("background responses must be stored: background=true requires store=true",
                                   param="background")
-        run = self._prepare(request, self._previous(request), raw_request.headers)
+        run = await self._prepare(request, self._previous(request), raw_request.headers)
         if request.background:
             entry = StoredResponse(run.response, run.conversation, run.call_names,
                                    events=[] if request.stream else None)
@@ -102,7 +102,7 @@ class ResponsesServing:
                                   param="previous_response_id")
         return entry
 
-    def _prepare(self, request: ResponsesRequest, previous: StoredResponse | None,
+    async def _prepare(self, request: ResponsesRequest, previous: StoredResponse | None,
                  headers: Mapping[str, str]) -> ResponseRun:
         """Validate and translate: chat messages -> prompt tokens -> one engine request; the response header.
         Tools, the template, structured outputs and sampling go through chat's code; its errors are renamed
@@ -130,15 +130,16 @@ class ResponsesServing:
         max_model_len = frontend.model_config.max_model_len
         try:
             tools = plan_tools(chat, frontend.frontend_config)
-            prompt = render_chat_prompt(frontend, chat, tools.template_tools)
-            prompt_token_ids = truncate_prompt(frontend.tokenizer.encode(prompt, chat.add_special_tokens),
-                                               chat.truncate_prompt_tokens, max_model_len)
+            prompt = render_chat_prompt(frontend, chat, tools.template_tools, images_endpoint="/v1/responses")
+            prompt_token_ids, mm_items = await attach_chat_images(
+                frontend, chat, frontend.tokenizer.encode(prompt, chat.add_special_tokens))
+            prompt_token_ids = truncate_prompt(prompt_token_ids, chat.truncate_prompt_tokens, max_model_len)
             max_tokens = default_max_tokens(request.max_output_tokens, frontend.generation_defaults,
                                             max_model_len - len(prompt_token_ids))
             check_context_length(len(prompt_token_ids), max(max_tokens, 1), max_model_len, what="input")
             response_id = self._response_id(request, headers)
             choice = make_choices(frontend, request_for_engine(tools, chat), response_id, [prompt_token_ids],
-                                  [max_tokens], request.output_logprobs)[0]
+                                  [max_tokens], request.output_logprobs, mm_items)[0]
             constrain_choices(tools, [choice])
         except BadRequestError as exc:
             raise responses_error(exc, request.max_output_tokens is not None) from None
