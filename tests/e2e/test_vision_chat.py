@@ -52,7 +52,8 @@ def _reference(model_dir: str) -> tuple[Any, Any]:
             AutoProcessor.from_pretrained(model_dir))
 
 
-def _hf_answer(model_dir: str, pngs: list[bytes], text: str = QUESTION) -> tuple[str, int]:
+def _hf_answer(model_dir: str, pngs: list[bytes], text: str = QUESTION,
+               new_tokens: int = NEW_TOKENS) -> tuple[str, int]:
     """transformers' greedy text and prompt length for the same images and question."""
     from PIL import Image
 
@@ -62,7 +63,7 @@ def _hf_answer(model_dir: str, pngs: list[bytes], text: str = QUESTION) -> tuple
     images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
     inputs = processor(images=images, text=[prompt], return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     new_ids = out[0, inputs["input_ids"].shape[1]:]
     return processor.tokenizer.decode(new_ids, skip_special_tokens=True), int(inputs["input_ids"].shape[1])
 
@@ -184,3 +185,25 @@ def test_limits_and_placeholders(llava_server: ConveyorServer) -> None:
         "model": MODEL, "messages": _messages([png])})
     assert tokenize.status_code == 400 and tokenize.json()["error"]["param"] == "messages"
     assert _chat(llava_server, [{"role": "user", "content": "still serving"}]).choices[0].message.content
+
+
+def test_image_requests_survive_preemption_and_chunked_prefill(tiny_models: Path) -> None:
+    """16 KV blocks for four ~6-block image chats: some are preempted and recomputed (their images re-encoded),
+    and 8-token prefill chunks split every image; each answer equals the request's answer alone."""
+    server = ConveyorServer(str(tiny_models / "llava"), "--num-gpu-blocks-override", "16", "--block-size", "16",
+                            "--max-model-len", "256", "--no-enable-prefix-caching", "--max-num-batched-tokens", "8",
+                            "--served-model-name", MODEL)
+    try:
+        pngs = [_png(30 + i, 64, 48) for i in range(4)]
+        expected = [_hf_answer(str(tiny_models / "llava"), [png], QUESTION, new_tokens=60)[0] for png in pngs]
+
+        async def together() -> list[Any]:
+            client = server.async_openai_client()
+            return list(await asyncio.gather(*[client.chat.completions.create(
+                model=MODEL, messages=_messages([_data_url(png)]), max_tokens=60, temperature=0,
+                extra_body={"ignore_eos": True}) for png in pngs]))
+
+        assert [answer.choices[0].message.content for answer in asyncio.run(together())] == expected
+        assert server.metric("conveyor:num_preemptions") > 0
+    finally:
+        assert server.stop() == []
