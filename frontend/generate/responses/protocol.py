@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, model_validator
@@ -274,7 +275,9 @@ def responses_error(error: BadRequestError, max_output_tokens_given: bool) -> Ba
     if param is None:
         return error
     if param.startswith("messages"):
-        param = "input"
+        param = "input"  # chat's message indexes are not the input's (instructions, merged function calls)
+        message = re.sub(r"\bmessages\[\d+\]", "an input message", message).replace("messages", "input")
+        message = message.replace("'image_url'", "'input_image'")
     elif param.startswith("response_format"):
         param = "text.format" + param.removeprefix("response_format").replace(".json_schema", "", 1)
         message = message.replace("response_format.json_schema", "text.format").replace("response_format",
