@@ -11,10 +11,9 @@ slice reaches the end of `token_ids` the request samples one token from the logi
 core sends them back as the next step's `new_token_ids`. They are appended to the sampling state's
 `output_token_ids` at once, which penalties read.
 
-A pooling request (`NewRequestData.pooling_params`) never samples: rank 0 keeps the hidden rows of its prefill
-chunks, and the step whose slice reaches the end of its prompt pools them (`workers.layers.pooler`) into
-`ModelRunnerOutput.pooling_outputs`. Encoders (`uses_kv_cache` False) keep no KV cache: each prompt runs whole in
-one step, and the block count is bookkeeping for the scheduler only.
+A pooling request (`NewRequestData.pooling_params`) never samples: its rows are pooled when its prompt completes
+(`workers.pooling_requests`). Encoders (`uses_kv_cache` False) keep no KV cache: each prompt runs whole in one step,
+and the block count is bookkeeping for the scheduler only.
 
 An encoder-decoder speech model (Whisper, `is_encoder_decoder`) gets its request's audio with `NewRequestData.audio`:
 the request's first scheduled step runs the encoder on it and keeps the cross-attention K/V until the request
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from engine_core.config import CacheConfig, ModelConfig, PoolerConfig
-from engine_core.protocol import (KVConnectorOutput, ModelRunnerOutput, NewRequestData, PoolingOutput, PoolingParams,
+from engine_core.protocol import (KVConnectorOutput, ModelRunnerOutput, NewRequestData, PoolingOutput,
                                   SchedulerOutput, TokenLogprobs)
 from workers.attention import AttentionMetadata, build_attention_metadata
 from workers.encoder_decoder.requests import EncoderDecoderRequests
@@ -40,10 +39,10 @@ from workers.kernels import cpu as cpu_kernels
 from workers.kv_cache_alloc import allocate_kv_caches, kv_cache_bytes_per_block
 from workers.kv_connector.base import KVConnectorWorker
 from workers.layers.cpu_gemm import native_bf16_cpu
-from workers.layers.pooler import PoolingError, pool
 from workers.loading.loader import load_hf_config
 from workers.models import PoolingModel, build_model
 from workers.multimodal import MultiModalModel, MultiModalRequests, is_multimodal
+from workers.pooling_requests import PoolingSlice, PoolingSpan, PoolingState, pool_step, token_type_ids
 from workers.sampling.prompt_logprobs import PromptLogprobsPlan, compute_prompt_logprobs, wants_prompt_logprobs
 from workers.sampling.sampler import Sampler
 from workers.sampling.state import RequestSamplingState, make_sampling_state
@@ -75,23 +74,7 @@ class _RequestState:
     block_ids: list[int]
     num_computed_tokens: int
     sampling: RequestSamplingState
-    pooling: _PoolingState | None = None  # set for a pooling request
-
-
-@dataclass
-class _PoolingState:
-    params: PoolingParams
-    held_rows: list[torch.Tensor] = field(default_factory=list)  # rank 0: [n_i, hidden] of earlier prefill chunks
-
-
-@dataclass
-class _PoolingSpan:
-    """A pooling request's rows in this step's flattened batch."""
-
-    index: int  # into the step's request list
-    row_start: int
-    row_end: int
-    completes: bool  # the slice reaches the end of the prompt: pool after this forward
+    pooling: PoolingState | None = None  # set for a pooling request
 
 
 @dataclass
@@ -101,7 +84,7 @@ class _StepInputs:
     sample_rows: torch.Tensor  # [num_sampling_reqs] int64 rows of the flattened batch to sample from
     sampling_reqs: list[int]  # index into the step's request list of each sampling row
     prompt_logprobs: PromptLogprobsPlan | None = None  # rows scoring prompt tokens (requests with prompt_logprobs)
-    pooling_spans: list[_PoolingSpan] = field(default_factory=list)
+    pooling_spans: list[PoolingSpan] = field(default_factory=list)
     token_type_ids: torch.Tensor | None = None  # [num_tokens] int64, encoders only, when a request carries them
     request_errors: dict[str, str] = field(default_factory=dict)  # requests refused before the forward
 
@@ -233,7 +216,8 @@ class ModelRunner:
             prompt_logprobs = compute_prompt_logprobs(self.model.compute_logits, hidden, inputs.prompt_logprobs,
                                                       len(request_ids), self.tp_rank == 0)
         request_errors = inputs.request_errors
-        pooling_outputs = self._pool(request_ids, inputs.pooling_spans, hidden, request_errors)
+        pooling_outputs = self._pool(request_ids, scheduler_output.num_scheduled_tokens, inputs.pooling_spans, hidden,
+                                     request_errors)
         if inputs.sampling_reqs:
             logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))  # [S, vocab] float32
             if self.tp_rank == 0:
@@ -313,7 +297,7 @@ class ModelRunner:
     def _new_state(self, new: NewRequestData) -> _RequestState:
         sampling = make_sampling_state(new.sampling_params, list(new.token_ids[:new.num_prompt_tokens]),
                                        list(new.token_ids[new.num_prompt_tokens:]), new.eos_token_id, self.device)
-        pooling = None if new.pooling_params is None else _PoolingState(new.pooling_params)
+        pooling = None if new.pooling_params is None else PoolingState(new.pooling_params)
         return _RequestState(token_ids=list(new.token_ids), block_ids=list(new.block_ids),
                              num_computed_tokens=new.num_computed_tokens, sampling=sampling, pooling=pooling)
 
@@ -321,7 +305,7 @@ class ModelRunner:
         token_ids: list[int] = []
         query_lens, seq_lens, block_tables, sampling_reqs, sample_rows = [], [], [], [], []
         prompt_logprobs: PromptLogprobsPlan | None = None
-        pooling_spans: list[_PoolingSpan] = []
+        pooling_spans: list[PoolingSpan] = []
         request_errors: dict[str, str] = {}
         for i, request_id in enumerate(request_ids):
             state, query_len = self.requests[request_id], num_scheduled[request_id]
@@ -330,7 +314,7 @@ class ModelRunner:
             sampling, num_prompt_tokens = state.sampling, len(state.sampling.prompt_token_ids)
             is_pooling_request, completes = state.pooling is not None, end == len(state.token_ids)
             if is_pooling_request and self.is_pooling:
-                pooling_spans.append(_PoolingSpan(i, len(token_ids), len(token_ids) + query_len, completes))
+                pooling_spans.append(PoolingSpan(i, len(token_ids), len(token_ids) + query_len, completes))
             # Rank-independent test (output_token_ids grows on rank 0 only): every rank must join compute_logits.
             elif not is_pooling_request and wants_prompt_logprobs(
                     sampling.params.prompt_logprobs, len(state.token_ids) - num_prompt_tokens, start,
@@ -348,12 +332,15 @@ class ModelRunner:
                 sampling_reqs.append(i)
                 sample_rows.append(len(token_ids) - 1)
         metadata = build_attention_metadata(query_lens, seq_lens, block_tables, self.block_size, self.device)
-        type_ids = self._token_type_ids(request_ids, num_scheduled, pooling_spans, request_errors)
+        type_ids = None
+        if not self.uses_kv_cache and pooling_spans:
+            type_ids = token_type_ids(self._pooling_slices(request_ids, num_scheduled),
+                                      int(getattr(self.hf_config, "type_vocab_size", 1) or 1), request_errors)
         return _StepInputs(input_ids=torch.tensor(token_ids, dtype=torch.int64).to(self.device),
                            metadata=metadata,
                            sample_rows=torch.tensor(sample_rows, dtype=torch.int64).to(self.device),
                            sampling_reqs=sampling_reqs, prompt_logprobs=prompt_logprobs,
-                           pooling_spans=pooling_spans, token_type_ids=type_ids, request_errors=request_errors)
+                           pooling_spans=pooling_spans, token_type_ids=None if type_ids is None else type_ids.to(self.device), request_errors=request_errors)
 
     def _check_slice(self, request_id: str, state: _RequestState, start: int, end: int) -> None:
         assert end <= len(state.token_ids), f"{request_id}: scheduled to {end} of {len(state.token_ids)} tokens"
@@ -361,62 +348,19 @@ class ModelRunner:
             raise ValueError(f"{request_id}: an encoder runs each prompt whole in one step, got tokens {start}..{end} "
                              f"of {len(state.token_ids)} (chunked prefill must be off for encoder models)")
 
-    def _token_type_ids(self, request_ids: list[str], num_scheduled: dict[str, int],
-                        pooling_spans: list[_PoolingSpan], request_errors: dict[str, str]) -> torch.Tensor | None:
-        """[num_tokens] BERT segment ids when some request of an encoder step carries them (zeros elsewhere); a
-        request whose list does not match its tokens fails alone."""
-        if self.uses_kv_cache or not any(self._pooling_params(request_ids[span.index]).token_type_ids
-                                         for span in pooling_spans):
-            return None
-        num_types = int(getattr(self.hf_config, "type_vocab_size", 1) or 1)
-        type_ids: list[int] = []
-        for request_id in request_ids:
-            state, query_len = self.requests[request_id], num_scheduled[request_id]
-            given = state.pooling.params.token_type_ids if state.pooling is not None else None
-            if given and (len(given) != len(state.token_ids) or not 0 <= min(given) <= max(given) < num_types):
-                request_errors[request_id] = (f"token_type_ids must be {len(state.token_ids)} values (one per token) "
-                                              f"in 0..{num_types - 1}")
-                given = None
-            start = state.num_computed_tokens
-            type_ids.extend(given[start:start + query_len] if given else [0] * query_len)
-        return torch.tensor(type_ids, dtype=torch.int64).to(self.device)  # [num_tokens]
+    def _pooling_slices(self, request_ids: list[str], num_scheduled: dict[str, int]) -> list[PoolingSlice]:
+        return [PoolingSlice(request_id, self.requests[request_id].token_ids,
+                             self.requests[request_id].num_computed_tokens, num_scheduled[request_id],
+                             self.requests[request_id].pooling) for request_id in request_ids]
 
-    def _pooling_params(self, request_id: str) -> PoolingParams:
-        pooling = self.requests[request_id].pooling
-        assert pooling is not None
-        return pooling.params
-
-    def _pool(self, request_ids: list[str], spans: list[_PoolingSpan], hidden: torch.Tensor,
-              request_errors: dict[str, str]) -> list[PoolingOutput | None] | None:
-        """Rank 0: hold the rows of partial prefill chunks; pool the requests whose prompt this step completes.
-        None when the step finishes no pooling request (other ranks: always)."""
+    def _pool(self, request_ids: list[str], num_scheduled: dict[str, int], spans: list[PoolingSpan],
+              hidden: torch.Tensor, request_errors: dict[str, str]) -> list[PoolingOutput | None] | None:
+        """Rank 0 pools; other ranks answer None."""
         if not spans or self.tp_rank != 0:
             return None
-        outputs: list[PoolingOutput | None] = [None] * len(request_ids)
         head = cast(PoolingModel, self.model).classify if getattr(self.model, "num_labels", 0) else None
-        for span in spans:
-            request_id = request_ids[span.index]
-            state = self.requests[request_id]
-            pooling = state.pooling
-            assert pooling is not None
-            rows = hidden[span.row_start:span.row_end]  # [n, hidden]
-            if not span.completes:
-                pooling.held_rows.append(rows.clone())  # a copy: a view would keep the whole step's hidden alive
-                continue
-            if pooling.held_rows:
-                rows = torch.cat([*pooling.held_rows, rows])  # [num_prompt_tokens, hidden]
-                pooling.held_rows = []
-            if request_id in request_errors:
-                continue
-            if rows.shape[0] != len(state.token_ids):
-                request_errors[request_id] = (f"pooling needs every prompt row computed here, got {rows.shape[0]} "
-                                              f"of {len(state.token_ids)} (a prefix-cache hit?)")
-            else:
-                try:
-                    outputs[span.index] = pool(rows, self.pooler_config, pooling.params, head)
-                except PoolingError as exc:
-                    request_errors[request_id] = str(exc)
-        return outputs if any(output is not None for output in outputs) else None
+        return pool_step(self._pooling_slices(request_ids, num_scheduled), spans, hidden, self.pooler_config, head,
+                         request_errors)
 
     def _sample(self, request_ids: list[str], sampling_reqs: list[int], logits: torch.Tensor,
                 sampled: list[list[int]], logprobs: list[list[TokenLogprobs] | None],
