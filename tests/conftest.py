@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_MODELS_DIR = REPO_ROOT / ".models"  # git-ignored; the checkpoints are deterministic, so reuse is safe
 TINY_MODEL_NAMES = ("llama", "qwen2", "bert-embed", "bert-classifier", "bert-cross-encoder", "llama-classifier",
-                    "whisper", "llava")
+                    "whisper", "llava", "qwen2_vl")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -202,13 +202,13 @@ class ModelRunner:
                                      kv_connector_output=self._kv_connector_output(), rank=self.tp_rank)
         inputs = self._prepare_inputs(request_ids, scheduler_output.num_scheduled_tokens)
         cross_slots = self._prepare_cross_attention(request_ids, inputs)
-        inputs_embeds = self._merge_images(request_ids, inputs)
+        inputs_embeds, positions = self._merge_images(request_ids, inputs)
         masks = None  # structured outputs: this step's token masks, computed on a thread during the forward
         if self.structured_output is not None and inputs.sampling_reqs:
             masks = self.structured_output.start(
                 [(request_ids[i], self.requests[request_ids[i]].sampling) for i in inputs.sampling_reqs],
                 self.requests.keys())
-        hidden = self._forward(inputs, cross_slots, inputs_embeds)  # [num_tokens, hidden]
+        hidden = self._forward(inputs, positions, cross_slots, inputs_embeds)  # [num_tokens, hidden]
         sampled: list[list[int]] = [[] for _ in request_ids]
         logprobs: list[list[TokenLogprobs] | None] = [None] * len(request_ids)
         prompt_logprobs = None
@@ -230,10 +230,10 @@ class ModelRunner:
                                  prompt_logprobs=prompt_logprobs, request_errors=request_errors or None,
                                  pooling_outputs=pooling_outputs)
 
-    def _forward(self, inputs: _StepInputs, cross_slots: list[int] | None = None,
+    def _forward(self, inputs: _StepInputs, positions: torch.Tensor, cross_slots: list[int] | None = None,
                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        if inputs_embeds is not None:
-            return cast(MultiModalModel, self.model)(inputs.input_ids, inputs.metadata.positions, self.kv_caches,
+        if inputs_embeds is not None or positions is not inputs.metadata.positions:
+            return cast(MultiModalModel, self.model)(inputs.input_ids, positions, self.kv_caches,
                                                      inputs.metadata, inputs_embeds=inputs_embeds)
         if cross_slots is not None:
             return cast("WhisperForConditionalGeneration", self.model)(
@@ -252,18 +252,20 @@ class ModelRunner:
         self._drop_failed_sampling_rows(request_ids, inputs)
         return slots
 
-    def _merge_images(self, request_ids: list[str], inputs: _StepInputs) -> torch.Tensor | None:
+    def _merge_images(self, request_ids: list[str], inputs: _StepInputs) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Multimodal models: the step's input embeddings with the images its chunks reach merged in (None when
-        no chunk reaches an image). A request whose image fails leaves the step's sampling rows."""
+        no chunk reaches an image) and its rotary positions (M-RoPE: shifted, or [3, T]). A request whose image
+        fails leaves the step's sampling rows."""
         if self.multimodal is None:
-            return None
+            return None, inputs.metadata.positions
         rows = inputs.metadata.query_start_loc
         chunks = [(request_id, self.requests[request_id].num_computed_tokens,
                    self.requests[request_id].num_computed_tokens + rows[i + 1] - rows[i], rows[i])
                   for i, request_id in enumerate(request_ids)]
+        positions = self.multimodal.positions(inputs.metadata.positions, chunks)
         embeds = self.multimodal.inputs_embeds(inputs.input_ids, chunks, inputs.request_errors)
         self._drop_failed_sampling_rows(request_ids, inputs)
-        return embeds
+        return embeds, positions
 
     def _drop_failed_sampling_rows(self, request_ids: list[str], inputs: _StepInputs) -> None:
         keep = [row for row, i in enumerate(inputs.sampling_reqs) if request_ids[i] not in inputs.request_errors]

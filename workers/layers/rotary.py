@@ -1,7 +1,8 @@
 """Rotary position embeddings (GPT-NeoX "rotate half" layout, as in Hugging Face Llama checkpoints).
 
 cos/sin are computed once in float32 for every position up to `max_position` and cast to the model dtype, the
-same rounding Hugging Face applies. Supported `rope_type`s: default, linear, llama3.
+same rounding Hugging Face applies. Supported `rope_type`s: default, linear, llama3; a config with an
+`mrope_section` (Qwen2-VL) gets `MRotaryEmbedding`.
 """
 from __future__ import annotations
 
@@ -62,6 +63,34 @@ class RotaryEmbedding(nn.Module):
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+class MRotaryEmbedding(RotaryEmbedding):
+    """Qwen2-VL's multimodal rotary (M-RoPE): a token has three positions (temporal, height, width), and the
+    rotary half's frequencies are cut into `sections`, section j turning by position j.
+
+        frequencies:  | section 0: temporal | section 1: height | section 2: width |   (sum = head_dim / 2)
+
+    Text tokens have three equal positions, which is plain rotary: 1-D `positions` [T] take the parent's path
+    (and its fused kernel); [3, T] positions (a chunk holding image or video tokens) take the sectioned one."""
+
+    def __init__(self, head_dim: int, max_position: int, inv_freq: torch.Tensor, dtype: torch.dtype,
+                 sections: list[int]) -> None:
+        super().__init__(head_dim, max_position, inv_freq, dtype)
+        if sum(sections) != head_dim // 2:
+            raise ValueError(f"mrope_section {sections} must add up to head_dim / 2 = {head_dim // 2}")
+        section_of = torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))  # [head_dim / 2]
+        self.section_of: torch.Tensor
+        self.register_buffer("section_of", section_of.to(inv_freq.device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().forward(positions, q, k)
+        num_tokens = positions.shape[1]
+        cos_sin = self.cos_sin_cache[positions]  # [3, T, head_dim]
+        pick = self.section_of.view(1, 1, -1).expand(1, num_tokens, -1)  # [1, T, head_dim / 2]
+        cos, sin = (half.gather(0, pick)[0].unsqueeze(1) for half in cos_sin.chunk(2, dim=-1))  # [T, 1, hd/2]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)  # [num_tokens, heads, head_dim / 2] each
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # [num_tokens, heads, head_dim]
@@ -78,6 +107,8 @@ def get_rope(hf_config: Any, head_dim: int, dtype: torch.dtype) -> RotaryEmbeddi
         inv_freq = _llama3_inv_freq(inv_freq, params, max_position)
     elif rope_type == "linear":
         inv_freq = inv_freq / params["factor"]
-    elif rope_type != "default":
+    elif rope_type not in ("default", "mrope"):
         raise NotImplementedError(f"rope_type {rope_type!r} is not supported (default, linear, llama3 are)")
+    if params.get("mrope_section"):
+        return MRotaryEmbedding(head_dim, max_position, inv_freq, dtype, list(params["mrope_section"]))
     return RotaryEmbedding(head_dim, max_position, inv_freq, dtype)

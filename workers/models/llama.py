@@ -115,9 +115,11 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """`inputs_embeds` [T, hidden] replaces the token embeddings (a multimodal model merged images in)."""
+        """`inputs_embeds` [T, hidden] replaces the token embeddings (a multimodal model merged images in);
+        `positions` is [T], or [3, T] for M-RoPE (`workers.layers.rotary.MRotaryEmbedding`)."""
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, hidden]
-        stack = self._decode_stack_for_step(hidden, kv_caches, metadata)
+        # M-RoPE's 3-row positions (a chunk with image tokens) need the layers' own rotary
+        stack = self._decode_stack_for_step(hidden, kv_caches, metadata) if positions.dim() == 1 else None
         if stack is not None:
             return stack(hidden, positions, kv_caches, metadata)  # [T, hidden]
         residual: torch.Tensor | None = None
