@@ -91,5 +91,6 @@ async def attach_chat_images(frontend: FrontendState, request: ChatCompletionReq
                          ("use_beam_search", request.use_beam_search or None)):
         if value is not None:
             raise BadRequestError(f"{field} is not supported with images", param=field)
-    images = await prepare_images(urls, vision, frontend.media, frontend.frontend_config.limit_mm_per_prompt)
+    images = await prepare_images(urls, vision, frontend.media, frontend.frontend_config.limit_mm_per_prompt,
+                                  request.mm_processor_kwargs)
     return attach_images(token_ids, images, vision)

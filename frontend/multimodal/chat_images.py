@@ -3,15 +3,17 @@ tokenized prompt as `MultiModalItem`s at their placeholders.
 
     messages  --image_urls-->  URLs in message order  --prepare_images-->  pixel arrays + content hashes
     rendered prompt tokens:  ... USER: <image> \n What ...           (one placeholder token per image)
-    --attach_images-->       ... USER: <image> x N \n What ...       (N = the model's tokens per image)
+    --attach_images-->       ... USER: <image> x N \n What ...       (N = that image's token count)
                              + MultiModalItem(offset, N, pixels, hash) per image, in order
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from frontend.multimodal.media_fetch import MediaFetchConfig, MediaFetchError, l
 from frontend.multimodal.processors import ImageDecodeError, decode_image
 
 if TYPE_CHECKING:
-    from frontend.multimodal.vision_model import VisionModel
+    from frontend.multimodal.vision_model import ImageFeatures, VisionModel
     from frontend.protocol import ChatMessage
 
 DEFAULT_ITEMS_PER_PROMPT = 999  # vLLM's default --limit-mm-per-prompt per modality
@@ -29,7 +31,7 @@ DEFAULT_ITEMS_PER_PROMPT = 999  # vLLM's default --limit-mm-per-prompt per modal
 
 @dataclass(frozen=True)
 class PreparedImage:
-    pixel_values: np.ndarray  # [3, H, W] float32
+    features: ImageFeatures
     content_hash: str
 
 
@@ -38,26 +40,33 @@ def image_urls(messages: list[ChatMessage]) -> list[str]:
             for part in message.content if part.type == "image_url" and part.image_url is not None]
 
 
-async def prepare_images(urls: list[str], vision: VisionModel, media: MediaFetchConfig,
-                         limits: dict[str, int]) -> list[PreparedImage]:
-    """Fetch, decode and preprocess every image (400 naming `messages` for any that cannot be)."""
+async def prepare_images(urls: list[str], vision: VisionModel, media: MediaFetchConfig, limits: dict[str, int],
+                         mm_processor_kwargs: Mapping[str, Any] | None = None) -> list[PreparedImage]:
+    """Fetch, decode and preprocess every image (400 naming `messages` for any that cannot be, naming
+    `mm_processor_kwargs` for settings the model does not take)."""
     limit = limits.get("image", DEFAULT_ITEMS_PER_PROMPT)
     if len(urls) > limit:
         raise BadRequestError(f"at most {limit} image(s) may be provided in one prompt (--limit-mm-per-prompt); "
                               f"this one has {len(urls)}", param="messages")
-    return list(await asyncio.gather(*(_prepare(url, vision, media) for url in urls)))
+    return list(await asyncio.gather(*(_prepare(url, vision, media, mm_processor_kwargs) for url in urls)))
 
 
-async def _prepare(url: str, vision: VisionModel, media: MediaFetchConfig) -> PreparedImage:
+async def _prepare(url: str, vision: VisionModel, media: MediaFetchConfig,
+                   mm_processor_kwargs: Mapping[str, Any] | None) -> PreparedImage:
     try:
         data = await load_media_bytes(url, "image", media)
         # decoding and resizing a large image takes tens of milliseconds: keep them off the event loop
-        pixels = await asyncio.to_thread(lambda: vision.processor.preprocess(decode_image(data)))
+        image = await asyncio.to_thread(decode_image, data)
     except (MediaFetchError, ImageDecodeError) as exc:
         raise BadRequestError(str(exc), param="messages") from None
+    try:
+        features = await asyncio.to_thread(vision.image_features, image, mm_processor_kwargs)
+    except ValueError as exc:
+        raise BadRequestError(str(exc), param="mm_processor_kwargs") from None
     digest = hashlib.sha256(data)
     digest.update(vision.processor_key.encode())
-    return PreparedImage(np.ascontiguousarray(pixels, dtype="<f4"), digest.hexdigest())
+    digest.update(json.dumps(mm_processor_kwargs or {}, sort_keys=True, default=str).encode())
+    return PreparedImage(features, digest.hexdigest())
 
 
 def attach_images(token_ids: list[int], images: list[PreparedImage],
@@ -73,9 +82,11 @@ def attach_images(token_ids: list[int], images: list[PreparedImage],
     start = 0
     for position, image in zip(found, images, strict=True):
         expanded.extend(token_ids[start:position])
-        items.append(MultiModalItem("image", image.pixel_values.tobytes(), list(image.pixel_values.shape), "float32",
-                                    len(expanded), vision.num_image_tokens, image.content_hash))
-        expanded.extend([vision.image_token_id] * vision.num_image_tokens)
+        pixels, num_tokens = np.ascontiguousarray(image.features.pixel_values, dtype="<f4"), image.features.num_tokens
+        grid = None if image.features.grid_thw is None else list(image.features.grid_thw)
+        items.append(MultiModalItem("image", pixels.tobytes(), list(pixels.shape), "float32", len(expanded),
+                                    num_tokens, image.content_hash, grid_thw=grid))
+        expanded.extend([vision.image_token_id] * num_tokens)
         start = position + 1
     expanded.extend(token_ids[start:])
     return expanded, items

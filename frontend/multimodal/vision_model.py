@@ -1,48 +1,86 @@
-"""What the frontend knows about a vision-language model: its image placeholder and its image preprocessing, read
-from the model folder (config.json, preprocessor_config.json, processor_config.json) without transformers."""
+"""What the frontend knows about a vision-language model: its placeholder tokens and its image preprocessing, read
+from the model folder (config.json, preprocessor_config.json, processor_config.json) without transformers.
+
+    LLaVA:     every image is `num_image_tokens` copies of <image> (a fixed-size CLIP crop)
+    Qwen2-VL:  an image is resized to its own grid of 14-pixel patches; it takes grid_h * grid_w / 4 copies of
+               <|image_pad|>, and its patches travel with their grid (the workers' M-RoPE needs it)
+"""
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from frontend.multimodal.processors import ClipImageProcessor, llava_num_image_tokens
+import numpy as np
+
+from frontend.multimodal.processors import ClipImageProcessor, Qwen2VLImageProcessor, llava_num_image_tokens
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 logger = logging.getLogger("conveyor.frontend")
 
 _LLAVA_DEFAULT_IMAGE_TOKEN = "<image>"
+_QWEN2_VL_IMAGE_TOKEN = "<|image_pad|>"
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """One image as the workers take it."""
+
+    pixel_values: np.ndarray  # LLaVA: [3, S, S]; Qwen2-VL: [grid_h * grid_w, 3 * 2 * 14 * 14]; float32
+    num_tokens: int  # placeholder tokens it expands to
+    grid_thw: tuple[int, int, int] | None  # Qwen2-VL's patch grid
 
 
 @dataclass(frozen=True)
 class VisionModel:
-    """LLaVA family: each image is one `image_token` in the rendered prompt, expanded to `num_image_tokens` copies
-    of `image_token_id` whose embeddings the workers replace with the image's."""
+    """A model's image placeholder (`image_token`, one per image in the rendered prompt, expanded to each image's
+    token count) and its preprocessing."""
 
     image_token: str
     image_token_id: int
-    num_image_tokens: int
-    processor: ClipImageProcessor
+    processor: ClipImageProcessor | Qwen2VLImageProcessor
     processor_key: str  # the preprocessing settings, part of every image's content hash
+    num_image_tokens: int | None = None  # fixed for LLaVA; None where each image has its own count
+
+    def image_features(self, image: Image.Image, mm_processor_kwargs: Mapping[str, Any] | None = None
+                       ) -> ImageFeatures:
+        """Raises ValueError for `mm_processor_kwargs` this model does not take."""
+        if isinstance(self.processor, Qwen2VLImageProcessor):
+            inputs = self.processor.with_overrides(mm_processor_kwargs).preprocess(image)
+            return ImageFeatures(inputs.pixel_values, inputs.num_tokens, inputs.grid_thw)
+        if mm_processor_kwargs:
+            raise ValueError("this model takes no mm_processor_kwargs: its images are a fixed-size crop")
+        assert self.num_image_tokens is not None
+        return ImageFeatures(self.processor.preprocess(image), self.num_image_tokens, None)
 
 
 def load_vision_model(model_dir: str) -> VisionModel | None:
     """None for a model that takes no images (or a model file, not a folder)."""
     folder = Path(model_dir)
     config = _read_json(folder / "config.json")
-    if config is None or config.get("model_type") != "llava":
+    model_type = None if config is None else config.get("model_type")
+    if config is None or model_type not in ("llava", "qwen2_vl"):
         return None
     preprocessor = _read_json(folder / "preprocessor_config.json")
     if preprocessor is None:
-        raise ValueError(f"{model_dir} is a LLaVA model without preprocessor_config.json: its images cannot be "
-                         "prepared")
+        raise ValueError(f"{model_dir} is a vision-language model without preprocessor_config.json: its images "
+                         "cannot be prepared")
+    key = json.dumps(preprocessor, sort_keys=True)
+    if model_type == "qwen2_vl":
+        vision = VisionModel(image_token=_QWEN2_VL_IMAGE_TOKEN, image_token_id=int(config["image_token_id"]),
+                             processor=Qwen2VLImageProcessor.from_config(preprocessor), processor_key=key)
+        logger.info("vision-language model: each image is its own number of %s tokens", vision.image_token)
+        return vision
     processor_config = _read_json(folder / "processor_config.json") or {}
     image_token = str(processor_config.get("image_token", _LLAVA_DEFAULT_IMAGE_TOKEN))
     vision = VisionModel(image_token=image_token, image_token_id=int(config.get("image_token_index", 32000)),
-                         num_image_tokens=llava_num_image_tokens(config),
-                         processor=ClipImageProcessor.from_config(preprocessor),
-                         processor_key=json.dumps(preprocessor, sort_keys=True))
+                         processor=ClipImageProcessor.from_config(preprocessor), processor_key=key,
+                         num_image_tokens=llava_num_image_tokens(config))
     logger.info("vision-language model: each image is %d %s tokens", vision.num_image_tokens, image_token)
     return vision
 

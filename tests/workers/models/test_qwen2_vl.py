@@ -24,17 +24,21 @@ NEW_TOKENS = 8
 
 
 @lru_cache(maxsize=1)
-def _reference(model_dir: str) -> tuple[Any, Any, Any]:
+def _reference(model_dir: str) -> tuple[Any, Any]:
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    return (Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(model_dir))
+
+
+def _image_processor(model_dir: str, max_pixels: int | None = None) -> Any:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     settings = json.loads(Path(model_dir, "preprocessor_config.json").read_text())
-    processor = Qwen2VLImageProcessorPil(min_pixels=settings["min_pixels"], max_pixels=settings["max_pixels"])
-    return (Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(model_dir), processor)
+    return Qwen2VLImageProcessorPil(min_pixels=settings["min_pixels"], max_pixels=max_pixels or settings["max_pixels"])
 
 
-def _image(seed: int, width: int, height: int) -> Any:
+def image(seed: int, width: int, height: int) -> Any:
     from PIL import Image
 
     pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
@@ -42,11 +46,17 @@ def _image(seed: int, width: int, height: int) -> Any:
 
 
 def _processed(model_dir: str, text: str, images: list[Any]) -> tuple[list[int], list[MultiModalItem], dict]:
-    """Prompt token ids (pads expanded), our wire items, and the tensors transformers' generate() takes."""
-    model, tokenizer, processor = _reference(model_dir)
     content = [{"type": "image"}] * len(images) + [{"type": "text", "text": text}]
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                           tokenize=False)
+    return qwen2_vl_inputs(model_dir, [{"role": "user", "content": content}], images)
+
+
+def qwen2_vl_inputs(model_dir: str, messages: list[dict[str, Any]], images: list[Any],
+                    max_pixels: int | None = None) -> tuple[list[int], list[MultiModalItem], dict]:
+    """Prompt token ids (pads expanded), our wire items, and the tensors transformers' generate() takes, for
+    messages whose `{"type": "image"}` parts stand for `images` in order."""
+    model, tokenizer = _reference(model_dir)
+    processor = _image_processor(model_dir, max_pixels)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     pad = model.config.image_token_id
     token_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     hf_inputs: dict[str, Any] = {}
@@ -68,7 +78,7 @@ def _processed(model_dir: str, text: str, images: list[Any]) -> tuple[list[int],
         length = int(np.prod(grids[index])) // 4
         rows = np.ascontiguousarray(pixel_rows[index])
         items.append(MultiModalItem("image", rows.tobytes(), list(rows.shape), "float32", len(expanded), length,
-                                    f"image-{index}-{text}", grid_thw=grids[index]))
+                                    f"image-{index}-{prompt}", grid_thw=grids[index]))
         expanded.extend([pad] * length)
     input_ids = torch.tensor([expanded])
     hf_inputs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -76,10 +86,11 @@ def _processed(model_dir: str, text: str, images: list[Any]) -> tuple[list[int],
     return expanded, items, hf_inputs
 
 
-def _hf_greedy(model_dir: str, inputs: dict) -> tuple[list[int], list[float]]:
-    model, _, _ = _reference(model_dir)
+def hf_greedy(model_dir: str, inputs: dict, new_tokens: int = NEW_TOKENS) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens and their logprobs."""
+    model, _ = _reference(model_dir)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=0)
     new_ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, new_ids)]
@@ -98,13 +109,13 @@ def qwen2_vl(tiny_models: Path) -> str:
 
 
 def test_image_prompts_match_transformers_alone_batched_and_chunked(qwen2_vl: str) -> None:
-    cases = {"one": ("What is in this picture?", [_image(1, 80, 60)]),
-             "two": ("Compare them.", [_image(2, 40, 90), _image(3, 200, 120)]),
-             "tall": ("And this?", [_image(5, 60, 170)]),
+    cases = {"one": ("What is in this picture?", [image(1, 80, 60)]),
+             "two": ("Compare them.", [image(2, 40, 90), image(3, 200, 120)]),
+             "tall": ("And this?", [image(5, 60, 170)]),
              "text": ("Just text, no image.", [])}
     processed = {name: _processed(qwen2_vl, text, images) for name, (text, images) in cases.items()}
     assert len({len(items[0].pixel_values) for _, items, _ in processed.values() if items}) > 1  # several grids
-    expected = {name: _hf_greedy(qwen2_vl, inputs) for name, (_, _, inputs) in processed.items()}
+    expected = {name: hf_greedy(qwen2_vl, inputs) for name, (_, _, inputs) in processed.items()}
     assert expected["one"][0] != expected["text"][0]
     for chunk in (None, 5):  # one prefill step; then 5-token chunks that split every image
         _, driver = make_runner(qwen2_vl, num_blocks=64)
@@ -119,8 +130,8 @@ def test_m_rope_positions_equal_transformers_rope_index(qwen2_vl: str) -> None:
     """The worker's three-row positions and shift are transformers' get_rope_index and rope delta."""
     from workers.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
-    model, _, _ = _reference(qwen2_vl)
-    _, items, inputs = _processed(qwen2_vl, "Compare them.", [_image(2, 40, 90), _image(3, 200, 120)])
+    model, _ = _reference(qwen2_vl)
+    _, items, inputs = _processed(qwen2_vl, "Compare them.", [image(2, 40, 90), image(3, 200, 120)])
     expected, delta = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                                  image_grid_thw=inputs["image_grid_thw"])
     ours = Qwen2VLForConditionalGeneration.__new__(Qwen2VLForConditionalGeneration)

@@ -1,0 +1,119 @@
+"""Qwen2-VL images through the real server (the tiny checkpoint, openai client): greedy text and prompt length equal
+transformers' Qwen2VLForConditionalGeneration for one image, two images of different sizes, an image in an earlier
+turn and a request's own `mm_processor_kwargs`, with 24-token prefill chunks that split the images; concurrent
+image and text requests each get their own answer."""
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.e2e.test_vision_chat import _data_url, _png
+from tests.server_harness import ConveyorServer
+from tests.workers.models.test_qwen2_vl import _reference, hf_greedy, qwen2_vl_inputs
+
+MODEL = "tiny-qwen2-vl"
+NEW_TOKENS = 8
+
+
+def _hf_answer(model_dir: str, messages: list[dict[str, Any]], max_pixels: int | None = None) -> tuple[str, int]:
+    """transformers' greedy text and prompt length for OpenAI-shaped messages (image parts as data: URLs)."""
+    from PIL import Image
+
+    images, template_messages = [], []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part["type"] == "image_url":
+                    png = _png_of(part["image_url"]["url"])
+                    images.append(Image.open(io.BytesIO(png)).convert("RGB"))
+                    parts.append({"type": "image"})
+                else:
+                    parts.append(part)
+            content = parts
+        template_messages.append({"role": message["role"], "content": content})
+    token_ids, _, inputs = qwen2_vl_inputs(model_dir, template_messages, images, max_pixels)
+    new_ids, _ = hf_greedy(model_dir, inputs, NEW_TOKENS)
+    _, tokenizer = _reference(model_dir)
+    return tokenizer.decode(new_ids, skip_special_tokens=True), len(token_ids)
+
+
+def _png_of(data_url: str) -> bytes:
+    import base64
+
+    return base64.b64decode(data_url.split(",", 1)[1])
+
+
+def _user(pngs: list[bytes], text: str) -> dict[str, Any]:
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": _data_url(png)}} for png in pngs]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+CONVERSATIONS = {
+    "one image": [_user([_png(1, 80, 60)], "What is in this picture?")],
+    "two images": [_user([_png(2, 40, 90), _png(3, 200, 120)], "Compare them.")],
+    "earlier turn": [_user([_png(4, 150, 100)], "Describe it."),
+                     {"role": "assistant", "content": "A pattern of noise."},
+                     {"role": "user", "content": [{"type": "text", "text": "What colour dominates?"}]}],
+    "text only": [{"role": "user", "content": "Just text, no image."}],
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_models: Path) -> str:
+    return str(tiny_models / "qwen2_vl")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: str) -> Iterator[ConveyorServer]:
+    server = ConveyorServer(model_dir, "--served-model-name", MODEL, "--max-model-len", "512",
+                            "--kv-cache-memory", "64MiB", "--max-num-batched-tokens", "24")
+    yield server
+    assert server.stop() == []
+
+
+def _chat(server: ConveyorServer, messages: list[dict[str, Any]], **extra: Any) -> Any:
+    return server.openai_client().chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=NEW_TOKENS, temperature=0,
+        extra_body={"ignore_eos": True, **extra})
+
+
+@pytest.mark.parametrize("case", list(CONVERSATIONS))
+def test_chat_matches_transformers(server: ConveyorServer, model_dir: str, case: str) -> None:
+    answer = _chat(server, CONVERSATIONS[case])
+    text, prompt_tokens = _hf_answer(model_dir, CONVERSATIONS[case])
+    assert answer.choices[0].message.content == text
+    assert answer.usage.prompt_tokens == prompt_tokens  # each image's own token count included
+
+
+def test_mm_processor_kwargs_resize_like_transformers(server: ConveyorServer, model_dir: str) -> None:
+    messages = [_user([_png(5, 200, 120)], "What is in this picture?")]
+    small = _chat(server, messages, mm_processor_kwargs={"max_pixels": 56 * 56})
+    text, prompt_tokens = _hf_answer(model_dir, messages, max_pixels=56 * 56)
+    assert small.choices[0].message.content == text and small.usage.prompt_tokens == prompt_tokens
+    assert prompt_tokens < _chat(server, messages).usage.prompt_tokens  # fewer image tokens than by default
+    with pytest.raises(openai.BadRequestError) as refused:
+        _chat(server, messages, mm_processor_kwargs={"max_pixels": 10**9})
+    assert refused.value.body["param"] == "mm_processor_kwargs"  # type: ignore[index]
+
+
+def test_concurrent_image_and_text_requests_each_get_their_own_answer(server: ConveyorServer,
+                                                                      model_dir: str) -> None:
+    conversations = [CONVERSATIONS[name] for name in CONVERSATIONS] * 3
+    expected = {name: _hf_answer(model_dir, messages)[0] for name, messages in CONVERSATIONS.items()}
+
+    async def together() -> list[Any]:
+        client = server.async_openai_client()
+        return list(await asyncio.gather(*[client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+            for messages in conversations]))
+
+    answers = [answer.choices[0].message.content for answer in asyncio.run(together())]
+    assert answers == [expected[name] for name in CONVERSATIONS] * 3
