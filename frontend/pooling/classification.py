@@ -32,7 +32,7 @@ class ClassificationServing:
         frontend.check_model(request.model)
         frontend.check_engine_alive()
         pooler = require_task(frontend, "classify", "/classify")
-        prompts = request_prompts(frontend, request)
+        prompts = await request_prompts(frontend, request, "/classify")
         request_id = pooling_request_id("classify", request, raw_request.headers)
         params = PoolingParams(task="classify", use_activation=request.use_activation)
         results = await collect(raw_request, run_pooling(frontend, request_id, request, prompts, params))

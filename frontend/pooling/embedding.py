@@ -59,7 +59,7 @@ class EmbeddingServing:
         name = frontend.model_config.served_model_name
         params = PoolingParams(task="embed", normalize=request.embed_normalize,
                                dimensions=check_dimensions(pooler, request.dimensions, name))
-        prompts = request_prompts(frontend, request)
+        prompts = await request_prompts(frontend, request, "/v1/embeddings")
         request_id = pooling_request_id("embd", request, raw_request.headers)
         return await self._respond(request, raw_request, request_id, prompts, params, ("embedding", "embedding"))
 
@@ -68,7 +68,7 @@ class EmbeddingServing:
         frontend.check_model(request.model)
         frontend.check_engine_alive()
         params = self._pooling_params(request, require_pooler(frontend, "/pooling"))
-        prompts = request_prompts(frontend, request)
+        prompts = await request_prompts(frontend, request, "/pooling")
         request_id = pooling_request_id("pool", request, raw_request.headers)
         return await self._respond(request, raw_request, request_id, prompts, params, ("pooling", "data"))
 

@@ -3,7 +3,8 @@
 /v1/embeddings, /pooling and /classify take either `input` (text, texts, token ids, lists of token ids) or chat
 `messages` (rendered with the chat template); `parse_pooling_request` picks the schema by the `messages` key.
 /score takes two sides under any of vLLM's names (text_1/text_2, queries/documents, queries/items,
-data_1/data_2); /rerank takes a query and documents.
+data_1/data_2); /rerank takes a query and documents. Score and rerank inputs are texts or vLLM's multimodal
+`{"content": [parts]}` (image_url and text parts, on a vision-language model).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from engine_core.protocol import POOLING_TASKS
 from frontend.errors import BadRequestError, validation_error
 from frontend.pooling.encoding import EmbedDType, EncodingFormat, Endianness
-from frontend.protocol import ChatTemplateFields, OpenAIModel
+from frontend.protocol import ChatTemplateFields, ContentPart, OpenAIModel
 
 PoolingInput = Union[str, list[str], list[int], list[list[int]]]
 PoolingTask = Literal["embed", "classify", "score", "token_embed", "token_classify"]
@@ -38,7 +39,7 @@ class PoolingRequestBase(OpenAIModel):
     @classmethod
     def _text_only(cls, kwargs: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
         if kwargs:
-            raise ValueError("the served model is text-only: there is no multimodal processor to pass kwargs to")
+            raise ValueError("mm_processor_kwargs is not supported: the model's own processor settings apply")
         return kwargs
 
 
@@ -134,11 +135,25 @@ def parse_pooling_request(body: dict[str, Any], completion_cls: type[_Completion
 _SCORE_SIDES = (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"), ("data_1", "data_2"))
 
 
-def _text_only_inputs(value: Any, param: str) -> None:
-    items = value if isinstance(value, list) else [value]
-    if any(isinstance(item, dict) for item in items):
-        raise BadRequestError(f"'{param}': multimodal score inputs (content parts) are not supported; the served "
-                              "model is text-only, so give strings", param=param)
+class ScoreMultiModal(OpenAIModel):
+    """vLLM's ScoreMultiModalParam: `{"content": [image_url and text parts]}`. In a list of inputs it is one input
+    (its parts together); given alone as a side, each part is an input of its own (vLLM's 1:N shape)."""
+
+    content: list[ContentPart]
+
+
+ScoreInput = Union[str, ScoreMultiModal]
+ScoreInputs = Union[str, ScoreMultiModal, list[ScoreInput]]
+ScoreItem = Union[str, list[ContentPart]]  # one input to embed or pair: a text, or content parts
+
+
+def score_items(value: ScoreInputs) -> list[ScoreItem]:
+    """A side of /score or /rerank as its inputs, in order."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, ScoreMultiModal):
+        return [[part] for part in value.content]
+    return [item if isinstance(item, str) else list(item.content) for item in value]
 
 
 class ScoringFields(PoolingRequestBase):
@@ -152,8 +167,8 @@ class ScoringFields(PoolingRequestBase):
 class ScoreRequest(ScoringFields):
     """`text_1` and `text_2` are canonical; the other names vLLM accepts are moved into them."""
 
-    text_1: Union[str, list[str]]
-    text_2: Union[str, list[str]]
+    text_1: ScoreInputs
+    text_2: ScoreInputs
 
     @model_validator(mode="before")
     @classmethod
@@ -163,10 +178,7 @@ class ScoreRequest(ScoringFields):
         for first, second in _SCORE_SIDES:
             if first in data and second in data:
                 data = dict(data)
-                first_value, second_value = data.pop(first), data.pop(second)
-                _text_only_inputs(first_value, first)
-                _text_only_inputs(second_value, second)
-                data["text_1"], data["text_2"] = first_value, second_value
+                data["text_1"], data["text_2"] = data.pop(first), data.pop(second)
                 return data
         raise BadRequestError("give the two sides to score as text_1 and text_2 (or queries and documents)",
                               param="text_1")
@@ -177,17 +189,20 @@ class RerankDocument(OpenAIModel):
 
 
 class RerankRequest(ScoringFields):
-    query: str
-    documents: list[Union[str, RerankDocument]] = Field(..., min_length=1)
+    query: ScoreInput
+    documents: Union[ScoreMultiModal, list[Union[str, RerankDocument, ScoreMultiModal]]]
     top_n: Optional[int] = Field(None, ge=0)  # None or 0: every document
     return_documents: bool = True
 
-    @field_validator("query", mode="before")
+    @field_validator("documents")
     @classmethod
-    def _text_query(cls, query: Any) -> Any:
-        _text_only_inputs(query, "query")
-        return query
+    def _not_empty(cls, documents: Any) -> Any:
+        if not (documents.content if isinstance(documents, ScoreMultiModal) else documents):
+            raise ValueError("documents must not be empty")
+        return documents
 
     @property
-    def document_texts(self) -> list[str]:
-        return [doc if isinstance(doc, str) else doc.text for doc in self.documents]
+    def document_inputs(self) -> list[ScoreItem]:
+        if isinstance(self.documents, ScoreMultiModal):
+            return score_items(self.documents)
+        return score_items([doc.text if isinstance(doc, RerankDocument) else doc for doc in self.documents])

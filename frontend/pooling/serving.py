@@ -2,6 +2,8 @@
 engine request per prompt (all submitted at once, so the engine batches them) and collect the pooled results.
 
 Engine request `i` of an API request with id `ID` is `ID-i`; a pooling request answers with exactly one output.
+Chat `messages` may carry image parts on a vision-language model: they are fetched, prepared and attached at their
+placeholders by frontend/multimodal/chat_images.py exactly as for chat, and travel as the prompt's `mm_items`.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import msgspec
 import numpy as np
 
 from engine_core.config import PoolerConfig
-from engine_core.protocol import EngineCoreOutput, EngineCoreRequest, PoolingParams, SamplingParams
+from engine_core.protocol import EngineCoreOutput, EngineCoreRequest, MultiModalItem, PoolingParams, SamplingParams
 from frontend.chat_template import ChatTemplate, ChatTemplateError, request_chat_template
 from frontend.errors import BadRequestError, InternalServerError, engine_error
 from frontend.generate.chat_prompt import render_chat_prompt
+from frontend.multimodal.chat_images import attach_images, image_urls, prepare_images
 from frontend.pooling.encoding import pooled_array
 from frontend.pooling.protocol import InputFields, PoolingInput, PoolingRequestBase
 from frontend.protocol import ChatTemplateFields
@@ -33,10 +36,12 @@ TASK_ENDPOINTS = {"embed": "/v1/embeddings", "classify": "/classify", "score": "
 
 @dataclass(frozen=True)
 class PoolingPrompt:
-    """One engine request's prompt; `token_type_ids` only for a text pair (BERT segment ids)."""
+    """One engine request's prompt; `token_type_ids` only for a text pair (BERT segment ids); `mm_items` the images
+    at their expanded placeholders (their tokens count in usage like any other)."""
 
     token_ids: list[int]
     token_type_ids: Optional[list[int]] = None
+    mm_items: tuple[MultiModalItem, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,11 +106,14 @@ def check_prompt_length(frontend: FrontendState, num_tokens: int, param: str, in
 
 
 def encoded_text(frontend: FrontendState, request: PoolingRequestBase, text: str, param: str,
-                 index: int | None = None, pair: str | None = None) -> EncodedPrompt:
+                 index: int | None = None, pair: str | None = None,
+                 add_special_tokens: bool | None = None) -> EncodedPrompt:
     """A text's (or a text pair's) tokens, truncated as the request asks (special tokens kept), and checked
-    against the context length."""
+    against the context length. `add_special_tokens` None: the request's."""
+    if add_special_tokens is None:
+        add_special_tokens = request.add_special_tokens
     encoded = frontend.tokenizer.encode_prompt(
-        text, pair, add_special_tokens=request.add_special_tokens or pair is not None,
+        text, pair, add_special_tokens=add_special_tokens or pair is not None,
         max_num_tokens=truncation_length(frontend, request.truncate_prompt_tokens),
         truncation_side=truncation_side(frontend, request))
     if encoded.num_content_tokens == 0:
@@ -139,18 +147,30 @@ def input_prompts(frontend: FrontendState, request: PoolingRequestBase, value: P
     return prompts
 
 
-def chat_prompt(frontend: FrontendState, request: PoolingRequestBase) -> PoolingPrompt:
-    """Chat `messages` rendered with the chat template, then tokenized like an input text."""
-    assert isinstance(request, ChatTemplateFields)
-    text = render_chat_prompt(frontend, request)
-    return PoolingPrompt(encoded_text(frontend, request, text, "messages").token_ids)
+async def chat_prompt(frontend: FrontendState, request: PoolingRequestBase, fields: ChatTemplateFields,
+                      endpoint: str, param: str = "messages", index: int | None = None,
+                      add_special_tokens: bool | None = None) -> PoolingPrompt:
+    """`fields.messages` rendered with the chat template and tokenized like an input text; their images (refused
+    for a model without vision) fetched and prepared off the event loop and attached at their placeholders."""
+    text = render_chat_prompt(frontend, fields, images_endpoint=endpoint)
+    urls, vision = image_urls(fields.messages), frontend.vision
+    if urls and request.truncate_prompt_tokens is not None:
+        raise BadRequestError("truncate_prompt_tokens is not supported with images", param="truncate_prompt_tokens")
+    encoded = encoded_text(frontend, request, text, param, index, add_special_tokens=add_special_tokens)
+    if not urls or vision is None:
+        return PoolingPrompt(encoded.token_ids)
+    images = await prepare_images(urls, vision, frontend.media, frontend.frontend_config.limit_mm_per_prompt)
+    token_ids, items = attach_images(encoded.token_ids, images, vision)
+    check_prompt_length(frontend, len(token_ids), param, index)  # now with each image's placeholder tokens
+    return PoolingPrompt(token_ids, mm_items=tuple(items))
 
 
-def request_prompts(frontend: FrontendState, request: PoolingRequestBase) -> list[PoolingPrompt]:
+async def request_prompts(frontend: FrontendState, request: PoolingRequestBase, endpoint: str) -> list[PoolingPrompt]:
     """The prompts of an `input` request (one per item), or the one prompt of a chat `messages` request."""
     if isinstance(request, InputFields):
         return input_prompts(frontend, request, request.input)
-    return [chat_prompt(frontend, request)]
+    assert isinstance(request, ChatTemplateFields)
+    return [await chat_prompt(frontend, request, request, endpoint)]
 
 
 def template_for_request(frontend: FrontendState, source: str | None,
@@ -177,7 +197,7 @@ async def run_pooling(frontend: FrontendState, request_id: str, request: Pooling
         EngineCoreRequest(request_id=f"{request_id}-{index}", prompt_token_ids=prompt.token_ids,
                           sampling_params=SamplingParams(), eos_token_id=None, arrival_time=arrival_time,
                           priority=request.priority, cache_salt=request.cache_salt,
-                          client_index=frontend.engine.client_index,
+                          client_index=frontend.engine.client_index, mm_items=list(prompt.mm_items),
                           pooling_params=params if prompt.token_type_ids is None
                           else msgspec.structs.replace(params, token_type_ids=prompt.token_type_ids))
         for index, prompt in enumerate(prompts)]

@@ -43,6 +43,8 @@ _POOLING_CONVERSIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("LlamaForCausalLM", "classify"): ("llama", "LlamaForSequenceClassification"),
     ("MistralForCausalLM", "classify"): ("llama", "LlamaForSequenceClassification"),
     ("Qwen2ForCausalLM", "classify"): ("llama", "Qwen2ForSequenceClassification"),
+    ("LlavaForConditionalGeneration", "embed"): ("llava_pooling", "LlavaForEmbedding"),
+    ("LlavaForConditionalGeneration", "classify"): ("llava_pooling", "LlavaForSequenceClassification"),
 }
 _GENERATIVE = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                          "WhisperForConditionalGeneration", "LlavaForConditionalGeneration"})

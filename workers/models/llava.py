@@ -24,7 +24,8 @@ from workers.models import model_class_name
 from workers.models.clip_vision import ClipVisionTower, activation
 
 _LANGUAGE_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
-                      ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
+                      ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
+                      ("language_model.score.", "score."), ("score.", "score."))  # a classification head
 _VISION_PREFIXES = ("vision_tower.", "model.vision_tower.")
 _PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 
@@ -47,6 +48,8 @@ class LlavaForConditionalGeneration(nn.Module):
 
     uses_kv_cache = True
     num_labels = 0
+    # (runner, convert) of the language model built inside: the pooling variants (llava_pooling.py) change it.
+    language_runner: tuple[str, str] = ("generate", "none")
 
     def __init__(self, hf_config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
@@ -56,7 +59,7 @@ class LlavaForConditionalGeneration(nn.Module):
         if getattr(hf_config.vision_config, "model_type", "clip_vision_model") != "clip_vision_model":
             raise NotImplementedError(f"LLaVA vision tower {hf_config.vision_config.model_type!r} is not supported "
                                       "(only CLIP)")
-        module_name, class_name = model_class_name(hf_config.text_config)
+        module_name, class_name = model_class_name(hf_config.text_config, *self.language_runner)
         language_class = getattr(importlib.import_module(f"workers.models.{module_name}"), class_name)
         self.language_model = language_class(hf_config.text_config, tp_rank=tp_rank, tp_size=tp_size)
         self.vision_tower = ClipVisionTower(hf_config.vision_config, feature_layer)

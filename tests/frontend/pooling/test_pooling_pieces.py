@@ -20,7 +20,7 @@ from frontend.pooling.embedding import check_dimensions
 from frontend.pooling.encoding import bfloat16_bits, encode_values, pooled_array
 from frontend.pooling.protocol import (ClassificationChatRequest, ClassificationCompletionRequest,
                                        EmbeddingChatRequest, EmbeddingCompletionRequest, RerankRequest, ScoreRequest,
-                                       parse_pooling_request)
+                                       parse_pooling_request, score_items)
 from frontend.pooling.score import cosine, pair_up
 from frontend.tokenizer import TokenizerInfo
 
@@ -145,13 +145,14 @@ def test_score_request_takes_every_vllm_name_for_its_sides() -> None:
         assert (request.text_1, request.text_2) == ("q", ["a", "b"])
     with pytest.raises(BadRequestError):
         ScoreRequest.model_validate({"query": "q"})
-    with pytest.raises(BadRequestError, match="text-only"):
-        ScoreRequest.model_validate({"text_1": {"content": [{"type": "image_url"}]}, "text_2": "a"})
+    # vLLM's multimodal inputs parse; whether the model takes images is the serving code's question
+    request = ScoreRequest.model_validate({"text_1": {"content": [{"type": "image_url"}]}, "text_2": "a"})
+    assert [[part.type for part in item] for item in score_items(request.text_1)] == [["image_url"]]
 
 
 def test_rerank_request_documents_and_top_n() -> None:
     request = RerankRequest.model_validate({"query": "q", "documents": ["a", {"text": "b"}]})
-    assert request.document_texts == ["a", "b"] and request.top_n is None and request.return_documents
+    assert request.document_inputs == ["a", "b"] and request.top_n is None and request.return_documents
     for bad in ({"query": "q", "documents": []}, {"query": "q", "documents": ["a"], "top_n": -1}):
         with pytest.raises(ValidationError):
             RerankRequest.model_validate(bad)
