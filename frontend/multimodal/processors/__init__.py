@@ -1,7 +1,8 @@
-"""Image decoding and per-family preprocessing in numpy + Pillow, equal to transformers' PIL-backend processors.
+"""Image and video decoding and per-family preprocessing in numpy + Pillow + PyAV, equal to transformers' processors.
 
-The frontend runs these (never torch): bytes -> `decode_image` -> a family's `preprocess` -> arrays the request
-carries to the workers, plus the number of placeholder tokens each image expands to.
+The frontend runs these (never torch): bytes -> `decode_image` / `decode_video` -> a family's `preprocess` /
+`preprocess_video` -> arrays the request carries to the workers, plus the number of placeholder tokens each image
+or video expands to.
 """
 from __future__ import annotations
 
@@ -19,6 +20,21 @@ from frontend.multimodal.processors.qwen2_vl import (
            Qwen2VLImageProcessor,
            smart_resize,
 )
+from frontend.multimodal.processors.qwen2_vl_video import (
+           Qwen2VLVideoInputs,
+           Qwen2VLVideoProcessor,
+)
+from frontend.multimodal.processors.tensor_resize import resize_frames
+from frontend.multimodal.processors.video_decode import (
+           DecodedVideo,
+           VideoDecodeError,
+           VideoLimits,
+           VideoSampling,
+           decode_video,
+           sample_frame_indices,
+)
 
-__all__ = ["DECODABLE_FORMATS", "ClipImageProcessor", "ImageDecodeError", "Qwen2VLImageInputs",
-           "Qwen2VLImageProcessor", "decode_image", "llava_num_image_tokens", "smart_resize"]
+__all__ = ["DECODABLE_FORMATS", "ClipImageProcessor", "DecodedVideo", "ImageDecodeError", "Qwen2VLImageInputs",
+           "Qwen2VLImageProcessor", "Qwen2VLVideoInputs", "Qwen2VLVideoProcessor", "VideoDecodeError",
+           "VideoLimits", "VideoSampling", "decode_image", "decode_video", "llava_num_image_tokens",
+           "resize_frames", "sample_frame_indices", "smart_resize"]

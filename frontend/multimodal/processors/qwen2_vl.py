@@ -97,7 +97,7 @@ class Qwen2VLImageProcessor:
     def from_config(cls, config: Mapping[str, Any]) -> Qwen2VLImageProcessor:
         """From a `preprocessor_config.json` dict. As in transformers, top-level `min_pixels`/`max_pixels` win
         over `size` {"shortest_edge", "longest_edge"}; absent keys take `Qwen2VLImageProcessor`'s defaults."""
-        min_pixels, max_pixels = _pixel_bounds(config, cls.min_pixels, cls.max_pixels)
+        min_pixels, max_pixels = pixel_bounds(config, cls.min_pixels, cls.max_pixels)
         return cls(
             min_pixels=min_pixels, max_pixels=max_pixels,
             patch_size=config_int(config, "patch_size", 14),
@@ -125,7 +125,7 @@ class Qwen2VLImageProcessor:
         if unknown:
             raise ValueError(f"unsupported mm_processor_kwargs {sorted(unknown)}; "
                              f"this model accepts {sorted(OVERRIDABLE_KEYS)}")
-        min_pixels, max_pixels = _pixel_bounds(mm_processor_kwargs, self.min_pixels, self.max_pixels)
+        min_pixels, max_pixels = pixel_bounds(mm_processor_kwargs, self.min_pixels, self.max_pixels)
         if max(min_pixels, max_pixels) > self.max_pixels:
             raise ValueError(f"min_pixels and max_pixels may not exceed the model's max_pixels {self.max_pixels}")
         return replace(self, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -172,7 +172,7 @@ class Qwen2VLImageProcessor:
         return out.reshape(grid_h * grid_w, NUM_CHANNELS * t * p * p), grid_h, grid_w
 
 
-def _pixel_bounds(source: Mapping[str, Any], min_pixels: int, max_pixels: int) -> tuple[int, int]:
+def pixel_bounds(source: Mapping[str, Any], min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """(min_pixels, max_pixels) from `source`'s `size` then its top-level keys (which win), else the given ones."""
     size = source.get("size")
     if size is not None:
