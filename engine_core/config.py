@@ -145,6 +145,10 @@ class SchedulerConfig:
     policy: str = "fcfs"  # "fcfs" | "priority"
     enable_chunked_prefill: bool = True
     pooling_tasks: tuple[str, ...] = ()  # a pooling runner: the tasks it serves (generation requests are refused)
+    # Media encoder (`engine_core.encoder_cache`): rows one step may encode, and rows the workers keep; 0 = as
+    # many as max_num_batched_tokens (vLLM's defaults)
+    max_num_encoder_input_tokens: int = 0
+    encoder_cache_size: int = 0
 
 
 @dataclass(frozen=True)

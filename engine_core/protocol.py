@@ -244,6 +244,8 @@ class SchedulerStats(msgspec.Struct, **_WIRE):
     prompt_tokens_transferred: int = 0
     num_kv_transfers_failed: int = 0
     num_blocks_held_for_transfer: int = 0  # gauge: blocks a producer keeps until consumers pull them
+    mm_items_encoded: int = 0  # cumulative media items the workers' encoder ran on
+    mm_encoder_cache_hits: int = 0  # cumulative item needs met by embeddings already held (encoder cache)
 
 
 class PoolerInfo(msgspec.Struct, **_WIRE):
@@ -386,6 +388,7 @@ class SchedulerOutput(msgspec.Struct, tag="step", **_WIRE):
     num_scheduled_tokens: dict[str, int]
     finished_request_ids: list[str]  # forget these (finished, aborted or preempted)
     kv_connector_metadata: Union[KVConnectorMetadata, None] = None
+    free_encoder_hashes: list[str] = []  # media embeddings (by content hash) no request needs any more
 
 
 class InitializeCache(msgspec.Struct, tag="init_cache", **_WIRE):
@@ -428,6 +431,7 @@ class ModelRunnerOutput(msgspec.Struct, tag="result", **_WIRE):
     request_errors: Union[dict[str, str], None] = None
     # Per request (same order): the result of a pooling request whose prompt this step completed, else None.
     pooling_outputs: Union[list[Union[PoolingOutput, None]], None] = None
+    num_encoded_items: int = 0  # media items the vision encoder ran on in this step
 
 
 class WorkerFailure(msgspec.Struct, tag="failure", **_WIRE):

@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from engine_core.config import CacheConfig, SchedulerConfig
+from engine_core.encoder_cache import EncoderCache, EncoderStepBudget
 from engine_core.kv_cache import KVCacheBlock, KVCacheManager
 from engine_core.kv_transfer import KVConnectorScheduler
 from engine_core.protocol import (
@@ -26,6 +27,7 @@ from engine_core.protocol import (
     EngineCoreRequest,
     KVConnectorOutput,
     ModelRunnerOutput,
+    MultiModalItem,
     PoolingOutput,
     SchedulerOutput,
     SchedulerStats,
@@ -67,6 +69,9 @@ class Scheduler:
         self._prompt_tokens_computed = 0
         self._prompt_tokens_transferred = 0
         self._num_kv_transfers_failed = 0
+        self._mm_items_encoded = 0
+        self.encoder_budget = scheduler_config.max_num_encoder_input_tokens or scheduler_config.max_num_batched_tokens
+        self.encoder_cache = EncoderCache(scheduler_config.encoder_cache_size or self.encoder_budget)
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -151,6 +156,7 @@ class Scheduler:
             self.waiting.remove([request])
         if request.status != RequestStatus.WAITING_FOR_REMOTE_KV and not self._hold_for_transfer(request, status):
             self.kv_cache.free(request)
+        self.encoder_cache.release_all(request)
         request.status = status
         request.stop_reason = stop_reason
         if request.num_tokens_known_to_worker:
@@ -161,7 +167,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Decide the next step; mutates request progress, block tables, queues and counters."""
-        plan = StepPlan(token_budget=self.config.max_num_batched_tokens)
+        plan = StepPlan(self.config.max_num_batched_tokens, EncoderStepBudget(self.encoder_budget))
         self._schedule_running(plan)
         if not plan.preempted_ids:  # blocks ran short: let the running requests drain first
             self._schedule_waiting(plan)
@@ -177,8 +183,12 @@ class Scheduler:
                 continue
             num_new_tokens = min(request.num_tokens - request.num_computed_tokens, plan.token_budget)
             assert num_new_tokens > 0, request
+            num_new_tokens, to_encode = self._fit_media(request, request.num_computed_tokens, num_new_tokens, plan)
+            if num_new_tokens == 0:  # its next media item waits for encoder budget or cache space
+                continue
             new_block_ids = self._allocate_or_preempt(request, num_new_tokens, plan)
             if new_block_ids is not None:
+                self._commit_media(request, request.num_computed_tokens, num_new_tokens, to_encode, plan)
                 plan.add(request, num_new_tokens, new_block_ids)
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int, plan: StepPlan) -> list[int] | None:
@@ -219,10 +229,14 @@ class Scheduler:
         # Without chunked prefill a prompt runs whole, unless it could never fit even in an empty step.
         if not self.config.enable_chunked_prefill and num_new_tokens > plan.token_budget and plan.scheduled:
             return False
-        num_new_tokens = min(num_new_tokens, plan.token_budget)
+        num_new_tokens, to_encode = self._fit_media(request, num_cached_tokens, min(num_new_tokens, plan.token_budget),
+                                                    plan)
+        if num_new_tokens == 0:
+            return False
         new_block_ids = self._allocate_for_waiting(request, num_new_tokens, computed_blocks, plan)
         if new_block_ids is None:
             return False
+        self._commit_media(request, num_cached_tokens, num_new_tokens, to_encode, plan)
         started = self.waiting.pop()
         assert started is request, (started, request)
         request.status = RequestStatus.RUNNING
@@ -296,9 +310,22 @@ class Scheduler:
             self._preempt(victim, plan)
         return new_block_ids
 
+    def _fit_media(self, request: Request, start: int, num_new_tokens: int,
+                   plan: StepPlan) -> tuple[int, list[MultiModalItem]]:
+        """The chunk cut before a media item the encoder cannot take this step (`engine_core.encoder_cache`)."""
+        if not request.mm_items:
+            return num_new_tokens, []
+        return self.encoder_cache.fit(request, start, num_new_tokens, plan.encoder_budget)
+
+    def _commit_media(self, request: Request, start: int, num_new_tokens: int, to_encode: list[MultiModalItem],
+                      plan: StepPlan) -> None:
+        if request.mm_items:
+            self.encoder_cache.commit(request, start, num_new_tokens, to_encode, plan.encoder_budget)
+
     def _preempt(self, request: Request, plan: StepPlan) -> None:
         """Preempt by recompute: drop the request's KV and progress and requeue it at the front of waiting."""
         plan.withdraw(request)
+        self.encoder_cache.release_all(request)
         plan.preempted_ids.add(request.request_id)
         self.running.remove(request)
         self.kv_cache.free(request)
@@ -314,7 +341,7 @@ class Scheduler:
         """Turn the plan into diffs; marks every scheduled request's tokens as known to the worker."""
         finished_ids, self._finished_ids_for_workers = self._finished_ids_for_workers, []
         metadata = self.kv_connector.take_metadata() if self.kv_connector is not None else None
-        return plan.to_scheduler_output(finished_ids, metadata)
+        return plan.to_scheduler_output(finished_ids, metadata, self.encoder_cache.take_freed())
 
     def _record_step(self, plan: StepPlan) -> None:
         if plan.scheduled:
@@ -335,6 +362,7 @@ class Scheduler:
         if runner_output.error is not None:
             self._fail_step(scheduler_output, runner_output.error, outputs)
             return dict(outputs)
+        self._mm_items_encoded += runner_output.num_encoded_items
         index_of = {request_id: i for i, request_id in enumerate(runner_output.request_ids)}
         for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
@@ -347,6 +375,8 @@ class Scheduler:
                 request.record_prompt_logprobs(request.num_computed_tokens, runner_output.prompt_logprobs[i])
             request.num_computed_tokens += num_tokens
             self.kv_cache.cache_full_blocks(request)
+            if request.mm_items:
+                self.encoder_cache.release_consumed(request)
             # Only a step that brought the request level samples; a mid-prefill chunk has nothing to report.
             if request.num_computed_tokens < request.num_tokens:
                 continue
@@ -424,6 +454,8 @@ class Scheduler:
             prompt_tokens_transferred=self._prompt_tokens_transferred,
             num_kv_transfers_failed=self._num_kv_transfers_failed,
             num_blocks_held_for_transfer=self.kv_connector.num_held_blocks if self.kv_connector is not None else 0,
+            mm_items_encoded=self._mm_items_encoded,
+            mm_encoder_cache_hits=self.encoder_cache.num_items_reused,
         )
 
     def check_integrity(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine_core.encoder_cache import EncoderStepBudget
 from engine_core.protocol import CachedRequestData, KVConnectorMetadata, NewRequestData, SchedulerOutput
 from engine_core.request import Request
 
@@ -13,6 +14,7 @@ class StepPlan:
     """What one `schedule()` call has decided so far; preemption can withdraw a request from it."""
 
     token_budget: int
+    encoder_budget: EncoderStepBudget
     scheduled: list[Request] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)
@@ -32,8 +34,8 @@ class StepPlan:
             del self.new_block_ids[request.request_id]
             self.token_budget += num_tokens
 
-    def to_scheduler_output(self, finished_ids: list[str],
-                            kv_connector_metadata: KVConnectorMetadata | None) -> SchedulerOutput:
+    def to_scheduler_output(self, finished_ids: list[str], kv_connector_metadata: KVConnectorMetadata | None,
+                            free_encoder_hashes: list[str]) -> SchedulerOutput:
         """The step's diffs; marks every scheduled request's tokens as known to the worker."""
         new_requests, cached_requests = [], []
         for request in self.scheduled:
@@ -47,4 +49,4 @@ class StepPlan:
                     request.request_id, request.take_unsent_token_ids(), self.new_block_ids[request.request_id],
                     request.num_computed_tokens))
         return SchedulerOutput(new_requests, cached_requests, dict(self.num_scheduled_tokens), finished_ids,
-                               kv_connector_metadata)
+                               kv_connector_metadata, free_encoder_hashes)

@@ -42,6 +42,10 @@ _ENGINE_GAUGES: tuple[tuple[str, str, Callable[[SchedulerStats], float]], ...] =
      lambda s: s.num_kv_transfers_failed),
     ("kv_blocks_held_for_transfer", "KV blocks a prefill instance keeps until a decode instance pulls them.",
      lambda s: s.num_blocks_held_for_transfer),
+    ("mm_encoder_items", "Media items (images, videos) the vision encoder ran on (cumulative).",
+     lambda s: s.mm_items_encoded),
+    ("mm_encoder_cache_hits", "Media items a request took from the encoder cache instead of encoding them "
+     "(cumulative).", lambda s: s.mm_encoder_cache_hits),
 )
 
 

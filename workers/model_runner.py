@@ -228,7 +228,9 @@ class ModelRunner:
         return ModelRunnerOutput(request_ids=request_ids, sampled_token_ids=sampled, logprobs=logprobs,
                                  kv_connector_output=self._kv_connector_output(), rank=self.tp_rank,
                                  prompt_logprobs=prompt_logprobs, request_errors=request_errors or None,
-                                 pooling_outputs=pooling_outputs)
+                                 pooling_outputs=pooling_outputs,
+                                 num_encoded_items=self.multimodal.num_encoded_items if inputs_embeds is not None
+                                 and self.multimodal is not None and self.tp_rank == 0 else 0)
 
     def _forward(self, inputs: _StepInputs, positions: torch.Tensor, cross_slots: list[int] | None = None,
                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,6 +279,8 @@ class ModelRunner:
         return self.kv_connector.collect() if self.kv_connector is not None else None
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+        if self.multimodal is not None:
+            self.multimodal.free(scheduler_output.free_encoder_hashes)
         for request_id in scheduler_output.finished_request_ids:
             self.requests.pop(request_id, None)
             if self.encoder_decoder is not None:

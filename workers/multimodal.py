@@ -4,9 +4,10 @@ reaches an image's placeholder tokens, and merge the embeddings into the step's 
     request tokens:  [ text ... | <image> x length | text ... ]        chunk of this step: [start, end)
                                  ^ item.offset
     rows of the chunk that fall inside the placeholder take embeddings[row - offset] of the item; the others keep
-    their token embeddings. An item's embeddings stay until a chunk has passed its last placeholder (chunked
-    prefill may split an image over several steps), then are dropped. A request whose image cannot be encoded
-    fails alone (`request_errors`, at every step it appears in) and the others in the batch go on.
+    their token embeddings. Embeddings are kept by the item's content hash (the encoder cache) until the engine
+    core frees them (`engine_core.encoder_cache` decides when items are encoded and dropped): chunked prefill may
+    split an item over several steps, and requests sharing an item share one encoding. A request whose image
+    cannot be encoded fails alone (`request_errors`, at every step it appears in) and the others go on.
 
 Models with M-RoPE (Qwen2-VL, `rope_positions`) give each request's tokens up to its last item three-row positions,
 and every later token its index plus a shift: `positions` rewrites the step's positions accordingly.
@@ -59,15 +60,18 @@ def is_multimodal(model: object) -> bool:
 
 
 class MultiModalRequests:
-    """Images of the running requests (every rank keeps the same and encodes the same)."""
+    """Media of the running requests and the encoder cache: embeddings by content hash, kept until the engine
+    core frees them (`SchedulerOutput.free_encoder_hashes`), so an item shared by requests is encoded once. Every
+    rank keeps the same and encodes the same."""
 
     def __init__(self, model: MultiModalModel, device: torch.device) -> None:
         self.model, self.device = model, device
         self.grid_model = cast(GridModel, model) if callable(getattr(model, "embed_grids", None)) else None
         self.items: dict[str, list[MultiModalItem]] = {}
-        self.embeddings: dict[tuple[str, int], torch.Tensor] = {}  # (request id, item index) -> [length, hidden]
+        self.embeddings: dict[str, torch.Tensor] = {}  # content hash -> [length, hidden]
         self.failed: dict[str, str] = {}
         self.rope: dict[str, tuple[torch.Tensor, int]] = {}  # M-RoPE: [3, end] prompt positions, later shift
+        self.num_encoded_items = 0  # this step's encoder runs (items), reported by rank 0
 
     def start(self, request_id: str, items: list[MultiModalItem]) -> None:
         if not items:
@@ -81,10 +85,13 @@ class MultiModalRequests:
                 self.failed[request_id] = str(exc)
 
     def finish(self, request_id: str) -> None:
-        for index in range(len(self.items.pop(request_id, []))):
-            self.embeddings.pop((request_id, index), None)
+        self.items.pop(request_id, None)
         self.failed.pop(request_id, None)
         self.rope.pop(request_id, None)
+
+    def free(self, content_hashes: list[str]) -> None:
+        for content_hash in content_hashes:
+            self.embeddings.pop(content_hash, None)
 
     def positions(self, positions: torch.Tensor, chunks: list[tuple[str, int, int, int]]) -> torch.Tensor:
         """The step's rotary positions: `positions` [T] (token indices) shifted for M-RoPE requests, [3, T] when
@@ -107,75 +114,77 @@ class MultiModalRequests:
 
     def inputs_embeds(self, input_ids: torch.Tensor, chunks: list[tuple[str, int, int, int]],
                       request_errors: dict[str, str]) -> torch.Tensor | None:
-        """The step's input embeddings [T, hidden] with images merged in, or None when no chunk touches an image.
+        """The step's input embeddings [T, hidden] with media merged in, or None when no chunk touches an item.
         `chunks`: (request id, first token, end token, first row in the flattened batch) per scheduled request."""
-        needed = [(request_id, index, start, end, row)
+        self.num_encoded_items = 0
+        needed = [(request_id, item, start, end, row)
                   for request_id, start, end, row in chunks
-                  for index, item in enumerate(self.items.get(request_id, ()))
+                  for item in self.items.get(request_id, ())
                   if item.offset < end and item.offset + item.length > start]
         if not needed and not any(request_id in self.failed for request_id, *_ in chunks):
             return None
-        self._encode([(request_id, index) for request_id, index, *_ in needed
-                      if (request_id, index) not in self.embeddings and request_id not in self.failed])
+        missing = {item.content_hash: (request_id, item) for request_id, item, *_ in needed
+                   if item.content_hash not in self.embeddings and request_id not in self.failed}
+        self._encode(list(missing.values()))
         embeds = self.model.embed_input_ids(input_ids)  # [T, hidden]
-        for request_id, index, start, end, row in needed:
-            if request_id in self.failed:
+        for request_id, item, start, end, row in needed:
+            embedding = self.embeddings.get(item.content_hash)
+            if embedding is None:  # its encoding failed (in this request or another with the same item)
+                self.failed.setdefault(request_id, f"{item.modality} at token {item.offset} could not be encoded")
+            if request_id in self.failed or embedding is None:
                 continue
-            item, embedding = self.items[request_id][index], self.embeddings[(request_id, index)]
             first, last = max(start, item.offset), min(end, item.offset + item.length)
             embeds[row + first - start: row + last - start] = embedding[first - item.offset: last - item.offset]
-            if end >= item.offset + item.length:
-                del self.embeddings[(request_id, index)]
         for request_id, *_ in chunks:
             if request_id in self.failed:
                 request_errors[request_id] = self.failed[request_id]
         return embeds
 
-    def _encode(self, keys: list[tuple[str, int]]) -> None:
+    def _encode(self, wanted: list[tuple[str, MultiModalItem]]) -> None:
         """Runs the vision encoder on the listed items, one batch per pixel shape (or one for all grids)."""
         if self.grid_model is not None:
-            self._encode_grids(keys)
+            self._encode_grids(wanted)
             return
-        by_shape: dict[tuple[int, ...], list[tuple[tuple[str, int], torch.Tensor]]] = {}
-        for key in keys:
-            try:
-                pixels = _pixel_values(self.items[key[0]][key[1]])
-            except ValueError as exc:
-                self.failed[key[0]] = str(exc)
-                continue
-            by_shape.setdefault(tuple(pixels.shape), []).append((key, pixels))
-        for group in by_shape.values():
-            batch = torch.stack([pixels for _, pixels in group]).to(self.device)  # [n, *shape]
-            embedded = self.model.embed_images(batch)  # [n, tokens, hidden]
-            self._keep([key for key, _ in group], list(embedded))
-
-    def _encode_grids(self, keys: list[tuple[str, int]]) -> None:
-        encodable: list[tuple[tuple[str, int], torch.Tensor, tuple[int, int, int]]] = []
-        for key in keys:
-            item = self.items[key[0]][key[1]]
+        by_shape: dict[tuple[int, ...], list[tuple[str, MultiModalItem, torch.Tensor]]] = {}
+        for request_id, item in wanted:
             try:
                 pixels = _pixel_values(item)
-                if item.grid_thw is None or len(item.grid_thw) != 3 or pixels.dim() != 2 or \
-                        pixels.shape[0] != item.grid_thw[0] * item.grid_thw[1] * item.grid_thw[2]:
-                    raise ValueError(f"{item.modality} {key[1]}: {item.shape} patches do not fit grid {item.grid_thw}")
             except ValueError as exc:
-                self.failed[key[0]] = str(exc)
+                self.failed[request_id] = str(exc)
                 continue
-            encodable.append((key, pixels.to(self.device), (item.grid_thw[0], item.grid_thw[1], item.grid_thw[2])))
+            by_shape.setdefault(tuple(pixels.shape), []).append((request_id, item, pixels))
+        for group in by_shape.values():
+            batch = torch.stack([pixels for *_, pixels in group]).to(self.device)  # [n, *shape]
+            embedded = self.model.embed_images(batch)  # [n, tokens, hidden]
+            self._keep([(request_id, item) for request_id, item, _ in group], list(embedded))
+
+    def _encode_grids(self, wanted: list[tuple[str, MultiModalItem]]) -> None:
+        encodable: list[tuple[str, MultiModalItem, torch.Tensor, tuple[int, int, int]]] = []
+        for request_id, item in wanted:
+            try:
+                pixels = _pixel_values(item)
+                grid = item.grid_thw
+                if grid is None or len(grid) != 3 or pixels.dim() != 2 or pixels.shape[0] != grid[0] * grid[1] * grid[2]:
+                    raise ValueError(f"{item.modality} at token {item.offset}: {item.shape} patches do not fit "
+                                     f"grid {grid}")
+            except ValueError as exc:
+                self.failed[request_id] = str(exc)
+                continue
+            encodable.append((request_id, item, pixels.to(self.device), (grid[0], grid[1], grid[2])))
         if encodable:
             assert self.grid_model is not None
-            embedded = self.grid_model.embed_grids([pixels for _, pixels, _ in encodable],
-                                                   [grid for _, _, grid in encodable])
-            self._keep([key for key, _, _ in encodable], embedded)
+            embedded = self.grid_model.embed_grids([pixels for _, _, pixels, _ in encodable],
+                                                   [grid for *_, grid in encodable])
+            self._keep([(request_id, item) for request_id, item, _, _ in encodable], embedded)
 
-    def _keep(self, keys: list[tuple[str, int]], embedded: list[torch.Tensor]) -> None:
-        for key, embedding in zip(keys, embedded, strict=True):
-            item = self.items[key[0]][key[1]]
+    def _keep(self, encoded: list[tuple[str, MultiModalItem]], embedded: list[torch.Tensor]) -> None:
+        for (request_id, item), embedding in zip(encoded, embedded, strict=True):
+            self.num_encoded_items += 1
             if embedding.shape[0] != item.length:
-                self.failed[key[0]] = (f"{item.modality} {key[1]} has {item.length} placeholder tokens but the "
-                                       f"vision encoder gives {embedding.shape[0]} embeddings")
+                self.failed[request_id] = (f"{item.modality} at token {item.offset} has {item.length} placeholder "
+                                           f"tokens but the vision encoder gives {embedding.shape[0]} embeddings")
                 continue
-            self.embeddings[key] = embedding
+            self.embeddings[item.content_hash] = embedding
 
 
 def _pixel_values(item: MultiModalItem) -> torch.Tensor:

@@ -117,3 +117,27 @@ def test_concurrent_image_and_text_requests_each_get_their_own_answer(server: Co
 
     answers = [answer.choices[0].message.content for answer in asyncio.run(together())]
     assert answers == [expected[name] for name in CONVERSATIONS] * 3
+
+
+def test_an_image_shared_by_concurrent_requests_is_encoded_once(server: ConveyorServer, model_dir: str) -> None:
+    """Four requests with the same new image run together: the encoder runs once for them (the engine core's
+    encoder cache), once more for a different image, and not at all for a repeat the prefix cache covers."""
+    png = _png(40, 120, 90)
+    questions = ["What is it?", "Describe it.", "Which colour?", "How big?"]
+    expected = [_hf_answer(model_dir, [_user([png], question)])[0] for question in questions]
+    encoded = server.metric("conveyor:mm_encoder_items")
+
+    async def together() -> list[Any]:
+        client = server.async_openai_client()
+        return list(await asyncio.gather(*[client.chat.completions.create(
+            model=MODEL, messages=[_user([png], question)], max_tokens=NEW_TOKENS, temperature=0,
+            extra_body={"ignore_eos": True}) for question in questions]))
+
+    assert [answer.choices[0].message.content for answer in asyncio.run(together())] == expected
+    assert server.metric("conveyor:mm_encoder_items") == encoded + 1
+    _chat(server, [_user([_png(41, 120, 90)], questions[0])])
+    assert server.metric("conveyor:mm_encoder_items") == encoded + 2
+    repeat = _chat(server, [_user([png], questions[0])])
+    assert repeat.choices[0].message.content == expected[0]
+    assert repeat.usage.prompt_tokens_details.cached_tokens >= 32  # the image's blocks came from the prefix cache
+    assert server.metric("conveyor:mm_encoder_items") == encoded + 2

@@ -34,6 +34,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "XLMRobertaForSequenceClassification": ("bert", "RobertaForSequenceClassification"),
     "WhisperForConditionalGeneration": ("whisper", "WhisperForConditionalGeneration"),
     "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
 }
 # A causal LM served with `--runner pooling`: (architecture, convert) -> the class built instead.
 _POOLING_CONVERSIONS: dict[tuple[str, str], tuple[str, str]] = {
@@ -47,7 +48,8 @@ _POOLING_CONVERSIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("LlavaForConditionalGeneration", "classify"): ("llava_pooling", "LlavaForSequenceClassification"),
 }
 _GENERATIVE = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                         "WhisperForConditionalGeneration", "LlavaForConditionalGeneration"})
+                         "WhisperForConditionalGeneration", "LlavaForConditionalGeneration",
+                         "Qwen2VLForConditionalGeneration"})
 # model_type fallback for configs without `architectures` (some GGUF-derived configs)
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "whisper": "WhisperForConditionalGeneration"}
