@@ -46,6 +46,8 @@ _POOLING_CONVERSIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("Qwen2ForCausalLM", "classify"): ("llama", "Qwen2ForSequenceClassification"),
     ("LlavaForConditionalGeneration", "embed"): ("llava_pooling", "LlavaForEmbedding"),
     ("LlavaForConditionalGeneration", "classify"): ("llava_pooling", "LlavaForSequenceClassification"),
+    ("Qwen2VLForConditionalGeneration", "embed"): ("qwen2_vl_pooling", "Qwen2VLForEmbedding"),
+    ("Qwen2VLForConditionalGeneration", "classify"): ("qwen2_vl_pooling", "Qwen2VLForSequenceClassification"),
 }
 _GENERATIVE = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                          "WhisperForConditionalGeneration", "LlavaForConditionalGeneration",

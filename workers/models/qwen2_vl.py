@@ -24,7 +24,7 @@ from torch import nn
 
 from workers.attention import AttentionMetadata
 from workers.models.clip_vision import activation
-from workers.models.llama import Qwen2ForCausalLM
+from workers.models.llama import LlamaForCausalLM, LlamaForEmbedding, Qwen2ForCausalLM
 
 if TYPE_CHECKING:
     from engine_core.protocol import MultiModalItem
@@ -157,10 +157,12 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     uses_kv_cache = True
     num_labels = 0
+    # The language model built inside: the pooling variants (qwen2_vl_pooling.py) build its body instead.
+    language_class: type[LlamaForCausalLM] | type[LlamaForEmbedding] = Qwen2ForCausalLM
 
     def __init__(self, hf_config: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
-        self.language_model = Qwen2ForCausalLM(hf_config.text_config, tp_rank=tp_rank, tp_size=tp_size)
+        self.language_model = self.language_class(hf_config.text_config, tp_rank=tp_rank, tp_size=tp_size)
         self.visual = Qwen2VisionTower(hf_config.vision_config)
         self.merge_size = int(hf_config.vision_config.spatial_merge_size)
         self.num_layers = self.language_model.num_layers
