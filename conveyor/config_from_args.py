@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from conveyor.serving_mode import ENCODER_DECODER_ARCHITECTURES
 from engine_core.config import (CacheConfig, EngineConfig, FrontendConfig, ModelConfig, ParallelConfig,
@@ -28,14 +29,29 @@ def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
                           allowed_local_media_path=args.allowed_local_media_path,
                           allowed_media_domains=(None if args.allowed_media_domains is None
                                                  else tuple(args.allowed_media_domains)),
-                          limit_mm_per_prompt=_media_limits(args.limit_mm_per_prompt))
+                          limit_mm_per_prompt=_media_limits(args.limit_mm_per_prompt),
+                          mm_processor_kwargs=_json_flag(args.mm_processor_kwargs, "--mm-processor-kwargs"),
+                          media_io_kwargs=_media_io_kwargs(args.media_io_kwargs))
+
+
+def _json_flag(text: str, flag: str) -> dict[str, Any]:
+    try:
+        return parse_json_object(text, flag)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def _media_io_kwargs(text: str) -> dict[str, dict[str, Any]]:
+    options = _json_flag(text, "--media-io-kwargs")
+    for modality, value in options.items():
+        if modality not in ("image", "video") or not isinstance(value, dict):
+            raise SystemExit(f"--media-io-kwargs: {modality!r}: expected a modality (image, video) mapped to an "
+                             "object of options")
+    return options
 
 
 def _media_limits(text: str) -> dict[str, int]:
-    try:
-        limits = parse_json_object(text, "--limit-mm-per-prompt")
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+    limits = _json_flag(text, "--limit-mm-per-prompt")
     for modality, limit in limits.items():
         if modality not in ("image", "video") or not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
             raise SystemExit(f"--limit-mm-per-prompt: {modality!r}: {limit!r} is not a modality (image, video) with "

@@ -56,6 +56,10 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
                             "default: any host")
     group.add_argument("--limit-mm-per-prompt", default="{}",
                        help='most media items per prompt, as JSON: \'{"image": 4}\' (default 999 per modality)')
+    group.add_argument("--mm-processor-kwargs", default="{}",
+                       help='defaults for requests\' mm_processor_kwargs, as JSON: \'{"max_pixels": 401408}\'')
+    group.add_argument("--media-io-kwargs", default="{}",
+                       help='defaults for requests\' media_io_kwargs, as JSON: \'{"video": {"num_frames": 8}}\'')
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:

@@ -176,6 +176,8 @@ class FrontendConfig:
     allowed_local_media_path: str | None = None  # file:// media only from inside this folder (none: no file:// at all)
     allowed_media_domains: tuple[str, ...] | None = None  # http(s) media only from these hosts (None: any host)
     limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)  # modality -> most items in one prompt
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)  # --mm-processor-kwargs: request defaults
+    media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # --media-io-kwargs: modality -> options
 
 
 @dataclass(frozen=True)

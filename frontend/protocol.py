@@ -63,8 +63,16 @@ class ImageURLPart(OpenAIModel):
         return {"url": value} if isinstance(value, str) else value  # vLLM accepts the bare URL too
 
 
-ContentPart = Annotated[Union[TextPart, ImageURLPart], Field(discriminator="type")]
-_CHAT_PART_TYPES = ("text", "image_url")
+class VideoURLPart(OpenAIModel):
+    """vLLM's video part: `{"type": "video_url", "video_url": {"url": ...}}`."""
+
+    type: Literal["video_url"]
+    video_url: Optional[ImageURL] = None  # required; checked with the model
+
+
+ContentPart = Annotated[Union[TextPart, ImageURLPart, VideoURLPart], Field(discriminator="type")]
+_CHAT_PART_TYPES = ("text", "image_url", "video_url")
+MEDIA_PART_TYPES = {"image_url": "image", "video_url": "video"}  # part type -> modality
 
 
 def text_only_message(part_type: Any, index: int | None = None) -> str:
@@ -90,7 +98,8 @@ class ChatMessage(OpenAIModel):
                 part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
                 if part_type not in _CHAT_PART_TYPES:
                     raise ValueError(f"a message has a content part of type {part_type!r}: only "
-                                     "text and image_url parts are supported (images on vision-language models only)")
+                                     "text, image_url and video_url parts are supported (media on vision-language "
+                                     "models only)")
         return content
 
     @model_validator(mode="after")
@@ -104,8 +113,9 @@ class ChatMessage(OpenAIModel):
             return self.content
         return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
 
-    def image_part_count(self) -> int:
-        return 0 if not isinstance(self.content, list) else sum(isinstance(part, ImageURLPart) for part in self.content)
+    def media_part_count(self) -> int:
+        return 0 if not isinstance(self.content, list) else sum(
+            isinstance(part, (ImageURLPart, VideoURLPart)) for part in self.content)
 
 
 class ChatTemplateFields(OpenAIModel):
@@ -132,7 +142,8 @@ class ChatTemplateFields(OpenAIModel):
                 part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
                 if part_type not in _CHAT_PART_TYPES:
                     raise ValueError(f"messages[{index}] has a content part of type {part_type!r}: only "
-                                     "text and image_url parts are supported (images on vision-language models only)")
+                                     "text, image_url and video_url parts are supported (media on vision-language "
+                                     "models only)")
         return messages
 
     @model_validator(mode="after")

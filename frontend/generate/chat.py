@@ -10,7 +10,7 @@ from starlette.requests import Request
 from frontend.detokenizer import TokenRecord
 from frontend.errors import APIError, error_event
 from frontend.generate.beam_search import beam_search_all, beam_usage, check_beam_search_request, hypothesis_text
-from frontend.generate.chat_prompt import attach_chat_images, render_chat_prompt
+from frontend.generate.chat_prompt import attach_chat_media, render_chat_prompt
 from frontend.generate.choices import (Choice, api_request_id, every_n_tokens, kv_transfer_params, make_choices,
                                        run_choices, truncate_prompt, usage)
 from frontend.generate.logprobs import chat_logprobs, prompt_logprobs_json
@@ -32,7 +32,7 @@ class ChatServing:
         frontend.check_generative("/v1/chat/completions")
         tools = plan_tools(request, frontend.frontend_config)
         prompt = render_chat_prompt(frontend, request, tools.template_tools, images_endpoint="/v1/chat/completions")
-        prompt_token_ids, mm_items = await attach_chat_images(
+        prompt_token_ids, mm_items = await attach_chat_media(
             frontend, request, frontend.tokenizer.encode(prompt, request.add_special_tokens))
         prompt_token_ids = truncate_prompt(prompt_token_ids, request.truncate_prompt_tokens,
                                            frontend.model_config.max_model_len)

@@ -4,14 +4,15 @@ Chat completions, the Responses API, the pooling endpoints' chat inputs and /tok
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from engine_core.protocol import MultiModalItem
 from frontend.chat_template import ChatTemplateError, ContentFormat, request_chat_template
 from frontend.errors import BadRequestError
 from frontend.generate.tool_calling import template_tool_calls
-from frontend.multimodal.chat_images import attach_images, image_urls, prepare_images
-from frontend.protocol import ChatMessage, ChatTemplateFields, ImageURLPart, TextPart, text_only_message
+from frontend.multimodal.chat_media import MediaOptions, attach_media, media_refs, prepare_media
+from frontend.protocol import MEDIA_PART_TYPES, ChatMessage, ChatTemplateFields, TextPart, text_only_message
 
 if TYPE_CHECKING:
     from frontend.generate.protocol import ChatCompletionRequest
@@ -19,32 +20,38 @@ if TYPE_CHECKING:
 
 
 def message_for_template(message: ChatMessage, content_format: ContentFormat,
-                         image_placeholder: str = "") -> dict[str, Any]:
-    """One message as the template expects it: content as a string (an image part becomes the model's placeholder
-    text where it stood), or as a list of parts (an image part becomes `{"type": "image"}`, as in transformers'
-    templates)."""
+                         placeholder: Callable[[str], str] = lambda modality: "") -> dict[str, Any]:
+    """One message as the template expects it: content as a string (a media part becomes the model's placeholder
+    text where it stood), or as a list of parts (an image part becomes `{"type": "image"}`, a video part
+    `{"type": "video"}`, as in transformers' templates)."""
     data = message.model_dump(exclude_none=True)
     parts = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else [
-        part.model_dump() if isinstance(part, TextPart) else {"type": "image"} for part in message.content or []]
+        part.model_dump() if isinstance(part, TextPart) else {"type": MEDIA_PART_TYPES[part.type]}
+        for part in message.content or []]
     if content_format == "string":
-        data["content"] = "\n".join(part["text"] if part["type"] == "text" else image_placeholder for part in parts)
+        data["content"] = "\n".join(part["text"] if part["type"] == "text" else placeholder(part["type"])
+                                    for part in parts)
     else:
         data["content"] = parts
     return data
 
 
 def check_images_allowed(frontend: FrontendState, fields: ChatTemplateFields, endpoint: str | None) -> None:
-    """400 for image parts sent to a text-only model, or to an endpoint (`None`) that does not take them yet."""
+    """400 for media parts sent to a text-only model, or to an endpoint (`None`) that does not take them yet."""
     for index, message in enumerate(fields.messages):
-        if not message.image_part_count():
+        if not message.media_part_count():
             continue
+        parts = message.content if isinstance(message.content, list) else []
         if frontend.vision is None:
-            raise BadRequestError(text_only_message("image_url", index), param="messages")
+            first = next(part.type for part in parts if part.type in MEDIA_PART_TYPES)
+            raise BadRequestError(text_only_message(first, index), param="messages")
         if endpoint is None:
-            raise BadRequestError("image parts in messages are accepted on /v1/chat/completions; this endpoint takes text only",
-                                  param="messages")
-        if any(isinstance(part, ImageURLPart) and part.image_url is None for part in message.content or []):
-            raise BadRequestError(f"messages[{index}] has an image_url part without image_url.url", param="messages")
+            raise BadRequestError("image and video parts in messages are accepted on /v1/chat/completions; this "
+                                  "endpoint takes text only", param="messages")
+        for part in parts:
+            if part.type in MEDIA_PART_TYPES and getattr(part, part.type) is None:
+                raise BadRequestError(f"messages[{index}] has a {part.type} part without {part.type}.url",
+                                      param="messages")
 
 
 def render_chat_prompt(frontend: FrontendState, fields: ChatTemplateFields,
@@ -66,7 +73,8 @@ def render_chat_prompt(frontend: FrontendState, fields: ChatTemplateFields,
     if template is None:
         raise BadRequestError("this model has no chat template; pass --chat-template or use /v1/completions",
                               param="messages")
-    placeholder = frontend.vision.image_token if frontend.vision is not None else ""
+    vision = frontend.vision
+    placeholder = vision.placeholder if vision is not None else (lambda modality: "")
     messages = [message_for_template(message, template.content_format, placeholder) for message in fields.messages]
     for index, message in enumerate(messages):
         template_tool_calls(message, index)
@@ -79,18 +87,36 @@ def render_chat_prompt(frontend: FrontendState, fields: ChatTemplateFields,
         raise BadRequestError(str(exc), param="messages") from exc
 
 
-async def attach_chat_images(frontend: FrontendState, request: ChatCompletionRequest,
+async def attach_chat_media(frontend: FrontendState, request: ChatCompletionRequest,
                              token_ids: list[int]) -> tuple[list[int], list[MultiModalItem]]:
-    """The rendered prompt's tokens with its images' placeholders expanded, and the images for the engine
-    (unchanged and none without images). `render_chat_prompt` has already refused images a model cannot take."""
-    urls = image_urls(request.messages)
+    """The rendered prompt's tokens with its media placeholders expanded, and the items for the engine (unchanged
+    and none without media). `render_chat_prompt` has already refused media a model cannot take."""
+    refs = media_refs(request.messages)
     vision = frontend.vision
-    if not urls or vision is None:
+    if not refs or vision is None:
         return token_ids, []
     for field, value in (("truncate_prompt_tokens", request.truncate_prompt_tokens),
                          ("use_beam_search", request.use_beam_search or None)):
         if value is not None:
-            raise BadRequestError(f"{field} is not supported with images", param=field)
-    images = await prepare_images(urls, vision, frontend.media, frontend.frontend_config.limit_mm_per_prompt,
-                                  request.mm_processor_kwargs)
-    return attach_images(token_ids, images, vision)
+            raise BadRequestError(f"{field} is not supported with images or video", param=field)
+    prepared = await prepare_media(refs, vision, media_options(frontend, request))
+    return attach_media(token_ids, prepared, vision)
+
+
+def media_options(frontend: FrontendState, fields: ChatTemplateFields) -> MediaOptions:
+    """The server's media rules and processing defaults (--mm-processor-kwargs, --media-io-kwargs) under the
+    request's own."""
+    config = frontend.frontend_config
+    return MediaOptions(frontend.media, config.limit_mm_per_prompt,
+                        _merged(config.mm_processor_kwargs, fields.mm_processor_kwargs),
+                        {modality: _merged(config.media_io_kwargs.get(modality), (fields.media_io_kwargs or {})
+                                           .get(modality)) for modality in {*config.media_io_kwargs,
+                                                                            *(fields.media_io_kwargs or {})}})
+
+
+def _merged(defaults: Mapping[str, Any] | None, overrides: object) -> dict[str, Any] | None:
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise BadRequestError(f"media_io_kwargs entries are objects of options, got {overrides!r}",
+                              param="media_io_kwargs")
+    merged = {**(defaults or {}), **(overrides or {})}
+    return merged or None

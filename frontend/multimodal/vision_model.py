@@ -3,7 +3,8 @@ from the model folder (config.json, preprocessor_config.json, processor_config.j
 
     LLaVA:     every image is `num_image_tokens` copies of <image> (a fixed-size CLIP crop)
     Qwen2-VL:  an image is resized to its own grid of 14-pixel patches; it takes grid_h * grid_w / 4 copies of
-               <|image_pad|>, and its patches travel with their grid (the workers' M-RoPE needs it)
+               <|image_pad|>, and its patches travel with their grid (the workers' M-RoPE needs it); a video's
+               sampled frames, paired over time, take grid_t * grid_h * grid_w / 4 copies of <|video_pad|>
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from frontend.multimodal.processors import ClipImageProcessor, Qwen2VLImageProcessor, llava_num_image_tokens
+from frontend.multimodal.processors import (ClipImageProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor,
+                                           llava_num_image_tokens)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -25,13 +27,14 @@ logger = logging.getLogger("conveyor.frontend")
 
 _LLAVA_DEFAULT_IMAGE_TOKEN = "<image>"
 _QWEN2_VL_IMAGE_TOKEN = "<|image_pad|>"
+_QWEN2_VL_VIDEO_TOKEN = "<|video_pad|>"
 
 
 @dataclass(frozen=True)
 class ImageFeatures:
-    """One image as the workers take it."""
+    """One image (or video) as the workers take it."""
 
-    pixel_values: np.ndarray  # LLaVA: [3, S, S]; Qwen2-VL: [grid_h * grid_w, 3 * 2 * 14 * 14]; float32
+    pixel_values: np.ndarray  # LLaVA: [3, S, S]; Qwen2-VL: [grid_t * grid_h * grid_w, 3 * 2 * 14 * 14]; float32
     num_tokens: int  # placeholder tokens it expands to
     grid_thw: tuple[int, int, int] | None  # Qwen2-VL's patch grid
 
@@ -39,13 +42,28 @@ class ImageFeatures:
 @dataclass(frozen=True)
 class VisionModel:
     """A model's image placeholder (`image_token`, one per image in the rendered prompt, expanded to each image's
-    token count) and its preprocessing."""
+    token count), its video placeholder where it takes videos, and their preprocessing."""
 
     image_token: str
     image_token_id: int
     processor: ClipImageProcessor | Qwen2VLImageProcessor
-    processor_key: str  # the preprocessing settings, part of every image's content hash
+    processor_key: str  # the preprocessing settings, part of every item's content hash
     num_image_tokens: int | None = None  # fixed for LLaVA; None where each image has its own count
+    image_placeholder: str = ""  # what a string-format chat template gets where an image part stood
+    video_token: str | None = None
+    video_token_id: int | None = None
+    video_placeholder: str = ""
+    video_processor: Qwen2VLVideoProcessor | None = None
+
+    def placeholder(self, modality: str) -> str:
+        return self.video_placeholder if modality == "video" else self.image_placeholder or self.image_token
+
+    def video_features(self, frames: np.ndarray, mm_processor_kwargs: Mapping[str, Any] | None = None
+                       ) -> ImageFeatures:
+        """frames [T, H, W, 3] uint8 -> patches, grid and token count. Raises ValueError for bad kwargs."""
+        assert self.video_processor is not None
+        inputs = self.video_processor.with_overrides(mm_processor_kwargs).preprocess_video(frames)
+        return ImageFeatures(inputs.pixel_values_videos, inputs.num_tokens, inputs.video_grid_thw)
 
     def image_features(self, image: Image.Image, mm_processor_kwargs: Mapping[str, Any] | None = None
                        ) -> ImageFeatures:
@@ -72,9 +90,16 @@ def load_vision_model(model_dir: str) -> VisionModel | None:
                          "cannot be prepared")
     key = json.dumps(preprocessor, sort_keys=True)
     if model_type == "qwen2_vl":
+        video_preprocessor = _read_json(folder / "video_preprocessor_config.json") or preprocessor
         vision = VisionModel(image_token=_QWEN2_VL_IMAGE_TOKEN, image_token_id=int(config["image_token_id"]),
-                             processor=Qwen2VLImageProcessor.from_config(preprocessor), processor_key=key)
-        logger.info("vision-language model: each image is its own number of %s tokens", vision.image_token)
+                             processor=Qwen2VLImageProcessor.from_config(preprocessor),
+                             processor_key=key + json.dumps(video_preprocessor, sort_keys=True),
+                             image_placeholder=f"<|vision_start|>{_QWEN2_VL_IMAGE_TOKEN}<|vision_end|>",
+                             video_token=_QWEN2_VL_VIDEO_TOKEN, video_token_id=int(config["video_token_id"]),
+                             video_placeholder=f"<|vision_start|>{_QWEN2_VL_VIDEO_TOKEN}<|vision_end|>",
+                             video_processor=Qwen2VLVideoProcessor.from_config(video_preprocessor))
+        logger.info("vision-language model: each image and video is its own number of %s / %s tokens",
+                    vision.image_token, vision.video_token)
         return vision
     processor_config = _read_json(folder / "processor_config.json") or {}
     image_token = str(processor_config.get("image_token", _LLAVA_DEFAULT_IMAGE_TOKEN))

@@ -3,7 +3,7 @@ engine request per prompt (all submitted at once, so the engine batches them) an
 
 Engine request `i` of an API request with id `ID` is `ID-i`; a pooling request answers with exactly one output.
 Chat `messages` may carry image parts on a vision-language model: they are fetched, prepared and attached at their
-placeholders by frontend/multimodal/chat_images.py exactly as for chat, and travel as the prompt's `mm_items`.
+placeholders by frontend/multimodal/chat_media.py exactly as for chat, and travel as the prompt's `mm_items`.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from engine_core.config import PoolerConfig
 from engine_core.protocol import EngineCoreOutput, EngineCoreRequest, MultiModalItem, PoolingParams, SamplingParams
 from frontend.chat_template import ChatTemplate, ChatTemplateError, request_chat_template
 from frontend.errors import BadRequestError, InternalServerError, engine_error
-from frontend.generate.chat_prompt import render_chat_prompt
-from frontend.multimodal.chat_images import attach_images, image_urls, prepare_images
+from frontend.generate.chat_prompt import media_options, render_chat_prompt
+from frontend.multimodal.chat_media import attach_media, media_refs, prepare_media
 from frontend.pooling.encoding import pooled_array
 from frontend.pooling.protocol import InputFields, PoolingInput, PoolingRequestBase
 from frontend.protocol import ChatTemplateFields
@@ -153,14 +153,14 @@ async def chat_prompt(frontend: FrontendState, request: PoolingRequestBase, fiel
     """`fields.messages` rendered with the chat template and tokenized like an input text; their images (refused
     for a model without vision) fetched and prepared off the event loop and attached at their placeholders."""
     text = render_chat_prompt(frontend, fields, images_endpoint=endpoint)
-    urls, vision = image_urls(fields.messages), frontend.vision
-    if urls and request.truncate_prompt_tokens is not None:
+    refs, vision = media_refs(fields.messages), frontend.vision
+    if refs and request.truncate_prompt_tokens is not None:
         raise BadRequestError("truncate_prompt_tokens is not supported with images", param="truncate_prompt_tokens")
     encoded = encoded_text(frontend, request, text, param, index, add_special_tokens=add_special_tokens)
-    if not urls or vision is None:
+    if not refs or vision is None:
         return PoolingPrompt(encoded.token_ids)
-    images = await prepare_images(urls, vision, frontend.media, frontend.frontend_config.limit_mm_per_prompt)
-    token_ids, items = attach_images(encoded.token_ids, images, vision)
+    prepared = await prepare_media(refs, vision, media_options(frontend, fields))
+    token_ids, items = attach_media(encoded.token_ids, prepared, vision)
     check_prompt_length(frontend, len(token_ids), param, index)  # now with each image's placeholder tokens
     return PoolingPrompt(token_ids, mm_items=tuple(items))
 

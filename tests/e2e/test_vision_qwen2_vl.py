@@ -141,3 +141,77 @@ def test_an_image_shared_by_concurrent_requests_is_encoded_once(server: Conveyor
     assert repeat.choices[0].message.content == expected[0]
     assert repeat.usage.prompt_tokens_details.cached_tokens >= 32  # the image's blocks came from the prefix cache
     assert server.metric("conveyor:mm_encoder_items") == encoded + 2
+
+
+def _video_data_url(frames: Any) -> str:
+    import base64
+
+    from tests.frontend.multimodal.test_video_processing import lossless_mkv
+
+    return "data:video/x-matroska;base64," + base64.b64encode(lossless_mkv(frames)).decode()
+
+
+def _hf_video_answer(model_dir: str, frames: Any, text: str, num_frames: int) -> tuple[str, int]:
+    """transformers' greedy text for a video question. The pixel values are the frontend's processor's output,
+    which tests/frontend/multimodal/test_video_processing.py shows bit-equal to transformers' video processor."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from frontend.multimodal.processors import Qwen2VLVideoProcessor, VideoSampling, sample_frame_indices
+
+    processor = Qwen2VLVideoProcessor.from_config(
+        json.loads(Path(model_dir, "video_preprocessor_config.json").read_text()))
+    sampled = frames[sample_frame_indices(len(frames), 24.0, VideoSampling(num_frames=num_frames))]
+    inputs = processor.preprocess_video(sampled)
+    model, tokenizer = _reference(model_dir)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    pad = model.config.video_token_id
+    token_ids: list[int] = []
+    for token_id in tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+        token_ids.extend([token_id] * (inputs.num_tokens if token_id == pad else 1))
+    input_ids = torch.tensor([token_ids])
+    hf_inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                 "mm_token_type_ids": (input_ids == pad).int() * 2,
+                 "pixel_values_videos": torch.from_numpy(np.asarray(inputs.pixel_values_videos)),
+                 "video_grid_thw": torch.tensor([inputs.video_grid_thw])}
+    new_ids, _ = hf_greedy(model_dir, hf_inputs, NEW_TOKENS)
+    return tokenizer.decode(new_ids, skip_special_tokens=True), len(token_ids)
+
+
+def test_video_chat_matches_transformers(server: ConveyorServer, model_dir: str) -> None:
+    from tests.frontend.multimodal.test_video_processing import frames_pattern
+
+    frames = frames_pattern(9, 60, 80, seed=3)
+    text = "What happens in this video?"
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": _video_data_url(frames)}},
+                                             {"type": "text", "text": text}]}]
+    for num_frames in (4, 6):  # media_io_kwargs choose how many frames are sampled
+        answer = _chat(server, messages, media_io_kwargs={"video": {"num_frames": num_frames}})
+        expected, prompt_tokens = _hf_video_answer(model_dir, frames, text, num_frames)
+        assert answer.choices[0].message.content == expected and answer.usage.prompt_tokens == prompt_tokens
+    image_answer = _chat(server, [_user([_png(1, 80, 60)], text)])
+    assert image_answer.choices[0].message.content != expected  # the video's embeddings took part
+
+
+def test_bad_videos_answer_400(server: ConveyorServer) -> None:
+    from tests.frontend.multimodal.test_video_processing import zero_frame_video
+
+    import base64
+
+    def video_message(url: str) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "?"}]}]
+
+    no_frames = "data:video/x-matroska;base64," + base64.b64encode(zero_frame_video()).decode()
+    garbage = "data:video/mp4;base64," + base64.b64encode(b"not a video at all").decode()
+    for url in (no_frames, garbage):
+        with pytest.raises(openai.BadRequestError) as refused:
+            _chat(server, video_message(url))
+        assert refused.value.body["param"] == "messages"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as refused:
+        _chat(server, video_message(garbage), media_io_kwargs={"video": {"num_frames": "many"}})
+    assert refused.value.body["param"] == "media_io_kwargs"  # type: ignore[index]
+    assert _chat(server, [{"role": "user", "content": "still serving"}]).choices[0].message.content

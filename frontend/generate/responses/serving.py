@@ -26,7 +26,7 @@ from starlette.requests import Request
 
 from frontend.detokenizer import TokenRecord
 from frontend.errors import APIError, BadRequestError, NotFoundError, validation_error
-from frontend.generate.chat_prompt import attach_chat_images, render_chat_prompt
+from frontend.generate.chat_prompt import attach_chat_media, render_chat_prompt
 from frontend.generate.choices import Choice, every_n_tokens, make_choices, run_choices, truncate_prompt
 from frontend.generate.logprobs import chat_logprobs
 from frontend.generate.protocol import ChatCompletionRequest
@@ -131,7 +131,7 @@ class ResponsesServing:
         try:
             tools = plan_tools(chat, frontend.frontend_config)
             prompt = render_chat_prompt(frontend, chat, tools.template_tools, images_endpoint="/v1/responses")
-            prompt_token_ids, mm_items = await attach_chat_images(
+            prompt_token_ids, mm_items = await attach_chat_media(
                 frontend, chat, frontend.tokenizer.encode(prompt, chat.add_special_tokens))
             prompt_token_ids = truncate_prompt(prompt_token_ids, chat.truncate_prompt_tokens, max_model_len)
             max_tokens = default_max_tokens(request.max_output_tokens, frontend.generation_defaults,
