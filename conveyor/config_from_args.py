@@ -31,7 +31,8 @@ def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
                                                  else tuple(args.allowed_media_domains)),
                           limit_mm_per_prompt=_media_limits(args.limit_mm_per_prompt),
                           mm_processor_kwargs=_json_flag(args.mm_processor_kwargs, "--mm-processor-kwargs"),
-                          media_io_kwargs=_media_io_kwargs(args.media_io_kwargs))
+                          media_io_kwargs=_media_io_kwargs(args.media_io_kwargs),
+                          enable_mm_embeds=args.enable_mm_embeds)
 
 
 def _json_flag(text: str, flag: str) -> dict[str, Any]:

@@ -58,6 +58,9 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
                        help='most media items per prompt, as JSON: \'{"image": 4}\' (default 999 per modality)')
     group.add_argument("--mm-processor-kwargs", default="{}",
                        help='defaults for requests\' mm_processor_kwargs, as JSON: \'{"max_pixels": 401408}\'')
+    group.add_argument("--enable-mm-embeds", action="store_true",
+                       help="accept image_embeds parts (precomputed image embeddings, base64 of torch.save); "
+                            "trusted clients only: they bypass the vision encoder")
     group.add_argument("--media-io-kwargs", default="{}",
                        help='defaults for requests\' media_io_kwargs, as JSON: \'{"video": {"num_frames": 8}}\'')
 

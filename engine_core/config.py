@@ -178,6 +178,7 @@ class FrontendConfig:
     limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)  # modality -> most items in one prompt
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)  # --mm-processor-kwargs: request defaults
     media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # --media-io-kwargs: modality -> options
+    enable_mm_embeds: bool = False  # --enable-mm-embeds: accept precomputed image embeddings (image_embeds parts)
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,17 @@ class VideoURLPart(OpenAIModel):
     video_url: Optional[ImageURL] = None  # required; checked with the model
 
 
-ContentPart = Annotated[Union[TextPart, ImageURLPart, VideoURLPart], Field(discriminator="type")]
-_CHAT_PART_TYPES = ("text", "image_url", "video_url")
-MEDIA_PART_TYPES = {"image_url": "image", "video_url": "video"}  # part type -> modality
+class ImageEmbedsPart(OpenAIModel):
+    """vLLM's precomputed image embeddings (needs --enable-mm-embeds): `base64(torch.save(tensor))` of shape
+    [tokens, hidden] (or [1, tokens, hidden]); for Qwen2-VL an object {"image_embeds": ..., "image_grid_thw": ...}."""
+
+    type: Literal["image_embeds"]
+    image_embeds: Optional[Union[str, dict[str, str]]] = None
+
+
+ContentPart = Annotated[Union[TextPart, ImageURLPart, VideoURLPart, ImageEmbedsPart], Field(discriminator="type")]
+_CHAT_PART_TYPES = ("text", "image_url", "video_url", "image_embeds")
+MEDIA_PART_TYPES = {"image_url": "image", "video_url": "video", "image_embeds": "image"}  # part type -> modality
 
 
 def text_only_message(part_type: Any, index: int | None = None) -> str:
@@ -98,7 +106,7 @@ class ChatMessage(OpenAIModel):
                 part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
                 if part_type not in _CHAT_PART_TYPES:
                     raise ValueError(f"a message has a content part of type {part_type!r}: only "
-                                     "text, image_url and video_url parts are supported (media on vision-language "
+                                     "text, image_url, video_url and image_embeds parts are supported (media on vision-language "
                                      "models only)")
         return content
 
@@ -115,7 +123,7 @@ class ChatMessage(OpenAIModel):
 
     def media_part_count(self) -> int:
         return 0 if not isinstance(self.content, list) else sum(
-            isinstance(part, (ImageURLPart, VideoURLPart)) for part in self.content)
+            isinstance(part, (ImageURLPart, VideoURLPart, ImageEmbedsPart)) for part in self.content)
 
 
 class ChatTemplateFields(OpenAIModel):
@@ -142,7 +150,7 @@ class ChatTemplateFields(OpenAIModel):
                 part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
                 if part_type not in _CHAT_PART_TYPES:
                     raise ValueError(f"messages[{index}] has a content part of type {part_type!r}: only "
-                                     "text, image_url and video_url parts are supported (media on vision-language "
+                                     "text, image_url, video_url and image_embeds parts are supported (media on vision-language "
                                      "models only)")
         return messages
 

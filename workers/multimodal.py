@@ -131,6 +131,9 @@ class MultiModalRequests:
             embedding = self.embeddings.get(item.content_hash)
             if embedding is None:  # its encoding failed (in this request or another with the same item)
                 self.failed.setdefault(request_id, f"{item.modality} at token {item.offset} could not be encoded")
+            if embedding is not None and embedding.shape[-1] != embeds.shape[-1]:
+                self.failed.setdefault(request_id, f"{item.modality} at token {item.offset} has embeddings "
+                                                   f"{embedding.shape[-1]} wide, the model {embeds.shape[-1]}")
             if request_id in self.failed or embedding is None:
                 continue
             first, last = max(start, item.offset), min(end, item.offset + item.length)
@@ -141,7 +144,17 @@ class MultiModalRequests:
         return embeds
 
     def _encode(self, wanted: list[tuple[str, MultiModalItem]]) -> None:
-        """Runs the vision encoder on the listed items, one batch per pixel shape (or one for all grids)."""
+        """Runs the vision encoder on the listed items, one batch per pixel shape (or one for all grids);
+        precomputed embeddings (`image_embeds`, --enable-mm-embeds) skip it."""
+        for request_id, item in [entry for entry in wanted if entry[1].modality == "image_embeds"]:
+            try:
+                embedding = _pixel_values(item)
+            except ValueError as exc:
+                self.failed[request_id] = str(exc)
+                continue
+            if embedding.dim() == 2 and embedding.shape[0] == item.length:
+                self.embeddings[item.content_hash] = embedding.to(self.device)
+        wanted = [entry for entry in wanted if entry[1].modality != "image_embeds"]
         if self.grid_model is not None:
             self._encode_grids(wanted)
             return
@@ -189,7 +202,7 @@ class MultiModalRequests:
 
 def _pixel_values(item: MultiModalItem) -> torch.Tensor:
     dtype = _DTYPES.get(item.dtype)
-    if dtype is None or item.modality not in ("image", "video"):
+    if dtype is None or item.modality not in ("image", "video", "image_embeds"):
         raise ValueError(f"unsupported {item.modality} item of dtype {item.dtype}")
     array = np.frombuffer(item.pixel_values, dtype=np.dtype(dtype).newbyteorder("<"))
     if array.size != int(np.prod(item.shape)):

@@ -50,7 +50,11 @@ def check_images_allowed(frontend: FrontendState, fields: ChatTemplateFields, en
                                   "endpoint takes text only", param="messages")
         for part in parts:
             if part.type in MEDIA_PART_TYPES and getattr(part, part.type) is None:
-                raise BadRequestError(f"messages[{index}] has a {part.type} part without {part.type}.url",
+                raise BadRequestError(f"messages[{index}] has a {part.type} part without its {part.type} value",
+                                      param="messages")
+            if part.type == "image_embeds" and not frontend.frontend_config.enable_mm_embeds:
+                raise BadRequestError(f"messages[{index}] has an image_embeds part: precomputed embeddings are "
+                                      "accepted only when the server runs with --enable-mm-embeds",
                                       param="messages")
 
 
@@ -107,7 +111,7 @@ def media_options(frontend: FrontendState, fields: ChatTemplateFields) -> MediaO
     """The server's media rules and processing defaults (--mm-processor-kwargs, --media-io-kwargs) under the
     request's own."""
     config = frontend.frontend_config
-    return MediaOptions(frontend.media, config.limit_mm_per_prompt,
+    return MediaOptions(frontend.media, config.limit_mm_per_prompt, config.enable_mm_embeds,
                         _merged(config.mm_processor_kwargs, fields.mm_processor_kwargs),
                         {modality: _merged(config.media_io_kwargs.get(modality), (fields.media_io_kwargs or {})
                                            .get(modality)) for modality in {*config.media_io_kwargs,

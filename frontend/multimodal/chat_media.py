@@ -20,6 +20,7 @@ import numpy as np
 from engine_core.protocol import MultiModalItem
 from frontend.errors import BadRequestError
 from frontend.multimodal.media_fetch import MediaFetchConfig, MediaFetchError, load_media_bytes
+from frontend.multimodal.precomputed import precomputed_embeddings
 from frontend.multimodal.processors import ImageDecodeError, VideoDecodeError, VideoSampling, decode_image, decode_video
 
 if TYPE_CHECKING:
@@ -32,7 +33,8 @@ DEFAULT_ITEMS_PER_PROMPT = 999  # vLLM's default --limit-mm-per-prompt per modal
 @dataclass(frozen=True)
 class MediaRef:
     modality: Literal["image", "video"]
-    url: str
+    url: str = ""
+    embeds: str | dict[str, str] | None = None  # an image_embeds part's value instead of a URL
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class MediaOptions:
 
     fetch: MediaFetchConfig
     limits: Mapping[str, int] = field(default_factory=dict)  # modality -> most items in one prompt
+    enable_mm_embeds: bool = False
     mm_processor_kwargs: Mapping[str, Any] | None = None
     media_io_kwargs: Mapping[str, Any] | None = None
 
@@ -50,15 +53,18 @@ class PreparedMedia:
     modality: str
     features: ImageFeatures
     content_hash: str
+    precomputed: bool = False  # embeddings the client sent: the workers skip the encoder
 
 
 def media_refs(messages: list[ChatMessage]) -> list[MediaRef]:
     refs = []
     for message in messages:
         for part in message.content if isinstance(message.content, list) else []:
-            url = getattr(part, part.type, None)
-            if url is not None and part.type in ("image_url", "video_url"):
-                refs.append(MediaRef("image" if part.type == "image_url" else "video", url.url))
+            value = getattr(part, part.type, None)
+            if value is not None and part.type in ("image_url", "video_url"):
+                refs.append(MediaRef("image" if part.type == "image_url" else "video", value.url))
+            elif value is not None and part.type == "image_embeds":
+                refs.append(MediaRef("image", embeds=value))
     return refs
 
 
@@ -77,6 +83,10 @@ async def prepare_media(refs: list[MediaRef], vision: VisionModel, options: Medi
 
 
 async def _prepare(ref: MediaRef, vision: VisionModel, options: MediaOptions) -> PreparedMedia:
+    if ref.embeds is not None:
+        if not options.enable_mm_embeds:  # checked with the messages already; kept here for every caller
+            raise BadRequestError("image_embeds parts need --enable-mm-embeds", param="messages")
+        return await asyncio.to_thread(precomputed_embeddings, ref.embeds, vision)
     try:
         sampling = (VideoSampling.from_media_io_kwargs(options.media_io_kwargs) if ref.modality == "video"
                     else None)
@@ -126,7 +136,7 @@ def attach_media(token_ids: list[int], prepared: list[PreparedMedia],
         media = queues[kind_of[token_id]].pop(0)
         pixels, num_tokens = np.ascontiguousarray(media.features.pixel_values, dtype="<f4"), media.features.num_tokens
         grid = None if media.features.grid_thw is None else list(media.features.grid_thw)
-        items.append(MultiModalItem(media.modality, pixels.tobytes(), list(pixels.shape), "float32", len(expanded),
+        items.append(MultiModalItem("image_embeds" if media.precomputed else media.modality, pixels.tobytes(), list(pixels.shape), "float32", len(expanded),
                                     num_tokens, media.content_hash, grid_thw=grid))
         expanded.extend([token_id] * num_tokens)
     return expanded, items

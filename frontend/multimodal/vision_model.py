@@ -54,6 +54,8 @@ class VisionModel:
     video_token_id: int | None = None
     video_placeholder: str = ""
     video_processor: Qwen2VLVideoProcessor | None = None
+    hidden_size: int = 0  # the language model's: the width of precomputed image embeddings
+    grid_merge_size: int | None = None  # Qwen2-VL: patches per token side (precomputed embeddings need a grid)
 
     def placeholder(self, modality: str) -> str:
         return self.video_placeholder if modality == "video" else self.image_placeholder or self.image_token
@@ -97,7 +99,9 @@ def load_vision_model(model_dir: str) -> VisionModel | None:
                              image_placeholder=f"<|vision_start|>{_QWEN2_VL_IMAGE_TOKEN}<|vision_end|>",
                              video_token=_QWEN2_VL_VIDEO_TOKEN, video_token_id=int(config["video_token_id"]),
                              video_placeholder=f"<|vision_start|>{_QWEN2_VL_VIDEO_TOKEN}<|vision_end|>",
-                             video_processor=Qwen2VLVideoProcessor.from_config(video_preprocessor))
+                             video_processor=Qwen2VLVideoProcessor.from_config(video_preprocessor),
+                             hidden_size=_text_hidden_size(config),
+                             grid_merge_size=int(config.get("vision_config", {}).get("spatial_merge_size", 2)))
         logger.info("vision-language model: each image and video is its own number of %s / %s tokens",
                     vision.image_token, vision.video_token)
         return vision
@@ -105,9 +109,13 @@ def load_vision_model(model_dir: str) -> VisionModel | None:
     image_token = str(processor_config.get("image_token", _LLAVA_DEFAULT_IMAGE_TOKEN))
     vision = VisionModel(image_token=image_token, image_token_id=int(config.get("image_token_index", 32000)),
                          processor=ClipImageProcessor.from_config(preprocessor), processor_key=key,
-                         num_image_tokens=llava_num_image_tokens(config))
+                         num_image_tokens=llava_num_image_tokens(config), hidden_size=_text_hidden_size(config))
     logger.info("vision-language model: each image is %d %s tokens", vision.num_image_tokens, image_token)
     return vision
+
+
+def _text_hidden_size(config: Mapping[str, Any]) -> int:
+    return int((config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size") or 0)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -82,7 +82,7 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def llava_server(tiny_models: Path, media_dir: Path) -> Iterator[ConveyorServer]:
     server = ConveyorServer(str(tiny_models / "llava"), "--served-model-name", MODEL, "--max-model-len", "512",
                             "--kv-cache-memory", "64MiB", "--allowed-local-media-path", str(media_dir),
-                            "--limit-mm-per-prompt", '{"image": 2}')
+                            "--limit-mm-per-prompt", '{"image": 2}', "--enable-mm-embeds")
     yield server
     server.stop()
 
@@ -207,3 +207,32 @@ def test_image_requests_survive_preemption_and_chunked_prefill(tiny_models: Path
         assert server.metric("conveyor:num_preemptions") > 0
     finally:
         assert server.stop() == []
+
+
+def _saved_tensor_b64(tensor: torch.Tensor) -> str:
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_precomputed_image_embeddings_answer_like_the_image(llava_server: ConveyorServer, tiny_models: Path) -> None:
+    """--enable-mm-embeds: the image's embeddings from transformers (float32, and bfloat16-rounded), sent as vLLM's
+    image_embeds part (base64 of torch.save), answer as the image itself does; a malformed tensor is a 400."""
+    from PIL import Image
+
+    model, processor = _reference(str(tiny_models / "llava"))
+    png = _png(21, 70, 50)
+    pixels = processor(images=[Image.open(io.BytesIO(png)).convert("RGB")], text=["<image>"],
+                       return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]  # [16, hidden]
+    by_image = _chat(llava_server, _messages([_data_url(png)])).choices[0].message.content
+    for tensor in (features, features[None]):
+        part = {"type": "image_embeds", "image_embeds": _saved_tensor_b64(tensor)}
+        answer = _chat(llava_server, [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}])
+        assert answer.choices[0].message.content == by_image
+    for bad in (_saved_tensor_b64(features[:, :5]), base64.b64encode(b"not a tensor").decode(), "%%%"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            _chat(llava_server, [{"role": "user", "content": [{"type": "image_embeds", "image_embeds": bad},
+                                                              {"type": "text", "text": QUESTION}]}])
+        assert refused.value.body["param"] == "messages"  # type: ignore[index]

@@ -215,3 +215,10 @@ def test_bad_videos_answer_400(server: ConveyorServer) -> None:
         _chat(server, video_message(garbage), media_io_kwargs={"video": {"num_frames": "many"}})
     assert refused.value.body["param"] == "media_io_kwargs"  # type: ignore[index]
     assert _chat(server, [{"role": "user", "content": "still serving"}]).choices[0].message.content
+
+
+def test_image_embeds_need_enable_mm_embeds(server: ConveyorServer) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        _chat(server, [{"role": "user", "content": [{"type": "image_embeds", "image_embeds": "AAAA"},
+                                                    {"type": "text", "text": "?"}]}])
+    assert refused.value.body["param"] == "messages" and "--enable-mm-embeds" in str(refused.value)  # type: ignore[index]
