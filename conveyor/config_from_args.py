@@ -32,7 +32,8 @@ def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
                           limit_mm_per_prompt=_media_limits(args.limit_mm_per_prompt),
                           mm_processor_kwargs=_json_flag(args.mm_processor_kwargs, "--mm-processor-kwargs"),
                           media_io_kwargs=_media_io_kwargs(args.media_io_kwargs),
-                          enable_mm_embeds=args.enable_mm_embeds)
+                          enable_mm_embeds=args.enable_mm_embeds,
+                          mm_processor_cache_gb=max(0.0, args.mm_processor_cache_gb))
 
 
 def _json_flag(text: str, flag: str) -> dict[str, Any]:

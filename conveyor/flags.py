@@ -61,6 +61,9 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-mm-embeds", action="store_true",
                        help="accept image_embeds parts (precomputed image embeddings, base64 of torch.save); "
                             "trusted clients only: they bypass the vision encoder")
+    group.add_argument("--mm-processor-cache-gb", type=float, default=4.0,
+                       help="GiB of processed images/videos each API server keeps, so a repeated item is decoded "
+                            "and resized once (0: off)")
     group.add_argument("--media-io-kwargs", default="{}",
                        help='defaults for requests\' media_io_kwargs, as JSON: \'{"video": {"num_frames": 8}}\'')
 

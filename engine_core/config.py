@@ -179,6 +179,7 @@ class FrontendConfig:
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)  # --mm-processor-kwargs: request defaults
     media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # --media-io-kwargs: modality -> options
     enable_mm_embeds: bool = False  # --enable-mm-embeds: accept precomputed image embeddings (image_embeds parts)
+    mm_processor_cache_gb: float = 4.0  # --mm-processor-cache-gb: processed media kept per frontend (0: none)
 
 
 @dataclass(frozen=True)

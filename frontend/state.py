@@ -14,6 +14,7 @@ from frontend.engine_client import EngineClient
 from frontend.errors import BadRequestError, EngineDeadError, NotFoundError
 from frontend.generation_config import EosConfig, load_generation_defaults
 from frontend.metrics import FrontendMetrics
+from frontend.multimodal.media_cache import ProcessedMediaCache
 from frontend.multimodal.media_fetch import MediaFetchConfig
 from frontend.multimodal.vision_model import VisionModel, load_vision_model
 from frontend.speech.whisper import WhisperVocab, is_whisper
@@ -40,6 +41,7 @@ class FrontendState:
     speech: WhisperVocab | None = None  # set exactly for a Whisper (speech-to-text) model
     vision: VisionModel | None = None  # set for a model that takes images
     media: MediaFetchConfig = MediaFetchConfig()  # how image URLs may be fetched (--allowed-* flags, env limits)
+    media_cache: ProcessedMediaCache | None = None  # recently processed media (--mm-processor-cache-gb)
 
     @classmethod
     def build(cls, model_config: ModelConfig, frontend_config: FrontendConfig,
@@ -57,7 +59,9 @@ class FrontendState:
                    speech=_load_speech_vocab(model_config, tokenizer),
                    vision=load_vision_model(model_config.model),
                    media=MediaFetchConfig.from_env(frontend_config.allowed_local_media_path,
-                                                   frontend_config.allowed_media_domains))
+                                                   frontend_config.allowed_media_domains),
+                   media_cache=(ProcessedMediaCache(int(frontend_config.mm_processor_cache_gb * 2**30))
+                                if frontend_config.mm_processor_cache_gb > 0 else None))
 
     @property
     def is_speech_model(self) -> bool:

@@ -111,7 +111,7 @@ def media_options(frontend: FrontendState, fields: ChatTemplateFields) -> MediaO
     """The server's media rules and processing defaults (--mm-processor-kwargs, --media-io-kwargs) under the
     request's own."""
     config = frontend.frontend_config
-    return MediaOptions(frontend.media, config.limit_mm_per_prompt, config.enable_mm_embeds,
+    return MediaOptions(frontend.media, config.limit_mm_per_prompt, config.enable_mm_embeds, frontend.media_cache,
                         _merged(config.mm_processor_kwargs, fields.mm_processor_kwargs),
                         {modality: _merged(config.media_io_kwargs.get(modality), (fields.media_io_kwargs or {})
                                            .get(modality)) for modality in {*config.media_io_kwargs,

@@ -19,6 +19,7 @@ import numpy as np
 
 from engine_core.protocol import MultiModalItem
 from frontend.errors import BadRequestError
+from frontend.multimodal.media_cache import ProcessedMediaCache
 from frontend.multimodal.media_fetch import MediaFetchConfig, MediaFetchError, load_media_bytes
 from frontend.multimodal.precomputed import precomputed_embeddings
 from frontend.multimodal.processors import ImageDecodeError, VideoDecodeError, VideoSampling, decode_image, decode_video
@@ -44,6 +45,7 @@ class MediaOptions:
     fetch: MediaFetchConfig
     limits: Mapping[str, int] = field(default_factory=dict)  # modality -> most items in one prompt
     enable_mm_embeds: bool = False
+    cache: ProcessedMediaCache | None = None
     mm_processor_kwargs: Mapping[str, Any] | None = None
     media_io_kwargs: Mapping[str, Any] | None = None
 
@@ -94,17 +96,26 @@ async def _prepare(ref: MediaRef, vision: VisionModel, options: MediaOptions) ->
         raise BadRequestError(str(exc), param="media_io_kwargs") from None
     try:
         data = await load_media_bytes(ref.url, ref.modality, options.fetch)
-        # decoding and resizing take tens of milliseconds (an image) to seconds (a video): off the event loop
-        features = await asyncio.to_thread(_features, data, vision, sampling, options.mm_processor_kwargs)
-    except (MediaFetchError, ImageDecodeError, VideoDecodeError) as exc:
+    except MediaFetchError as exc:
         raise BadRequestError(str(exc), param="messages") from None
-    except ValueError as exc:  # the processor refused the request's settings
-        raise BadRequestError(str(exc), param="mm_processor_kwargs") from None
     digest = hashlib.sha256(data)
     digest.update(vision.processor_key.encode())
     digest.update(json.dumps([options.mm_processor_kwargs, sampling and sampling.__dict__], sort_keys=True,
                              default=str).encode())
-    return PreparedMedia(ref.modality, features, digest.hexdigest())
+    content_hash = digest.hexdigest()
+
+    async def process() -> ImageFeatures:
+        # decoding and resizing take tens of milliseconds (an image) to seconds (a video): off the event loop
+        return await asyncio.to_thread(_features, data, vision, sampling, options.mm_processor_kwargs)
+
+    try:
+        features = await (options.cache.get_or_compute(content_hash, process) if options.cache is not None
+                          else process())
+    except (ImageDecodeError, VideoDecodeError) as exc:
+        raise BadRequestError(str(exc), param="messages") from None
+    except ValueError as exc:  # the processor refused the request's settings
+        raise BadRequestError(str(exc), param="mm_processor_kwargs") from None
+    return PreparedMedia(ref.modality, features, content_hash)
 
 
 def _features(data: bytes, vision: VisionModel, sampling: VideoSampling | None,
