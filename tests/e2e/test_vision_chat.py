@@ -19,6 +19,7 @@ import openai
 import pytest
 import torch
 
+from tests.frontend.multimodal.test_media_fetch import PNG, base_url  # noqa: F401  (base_url: a fixture)
 from tests.server_harness import ConveyorServer
 
 MODEL = "tiny-llava"
@@ -82,7 +83,8 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def llava_server(tiny_models: Path, media_dir: Path) -> Iterator[ConveyorServer]:
     server = ConveyorServer(str(tiny_models / "llava"), "--served-model-name", MODEL, "--max-model-len", "512",
                             "--kv-cache-memory", "64MiB", "--allowed-local-media-path", str(media_dir),
-                            "--limit-mm-per-prompt", '{"image": 2}', "--enable-mm-embeds")
+                            "--limit-mm-per-prompt", '{"image": 2}', "--enable-mm-embeds",
+                            "--allowed-media-domains", "127.0.0.1", env={"VLLM_IMAGE_FETCH_TIMEOUT": "0.5"})
     yield server
     server.stop()
 
@@ -236,3 +238,17 @@ def test_precomputed_image_embeddings_answer_like_the_image(llava_server: Convey
             _chat(llava_server, [{"role": "user", "content": [{"type": "image_embeds", "image_embeds": bad},
                                                               {"type": "text", "text": QUESTION}]}])
         assert refused.value.body["param"] == "messages"  # type: ignore[index]
+
+
+def test_images_over_http_follow_the_allowed_hosts(llava_server: ConveyorServer, base_url: str) -> None:
+    """The test's HTTP server on 127.0.0.1 (the only --allowed-media-domains host): its image answers as the same
+    bytes inline do; a 404, a slow answer (VLLM_IMAGE_FETCH_TIMEOUT 0.5 s), a redirect to another host and another
+    host itself are 400s naming messages, and the server goes on."""
+    assert _chat(llava_server, _messages([f"{base_url}/image.png"])).choices[0].message.content == \
+        _chat(llava_server, _messages([_data_url(PNG)])).choices[0].message.content
+    other_host = base_url.replace("127.0.0.1", "localhost")
+    for url in (f"{base_url}/missing.png", f"{base_url}/slow", f"{base_url}/redirect-out", f"{other_host}/image.png"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            _chat(llava_server, _messages([url]))
+        assert refused.value.body["param"] == "messages", url  # type: ignore[index]
+    assert _chat(llava_server, [{"role": "user", "content": "still serving"}]).choices[0].message.content
