@@ -23,6 +23,7 @@ from tests.frontend.multimodal.test_media_fetch import PNG, base_url  # noqa: F4
 from tests.server_harness import ConveyorServer
 
 MODEL = "tiny-llava"
+MAX_MEDIA_BYTES = 200_000  # the test server's byte limit per image (CONVEYOR_MAX_MEDIA_BYTES)
 NEW_TOKENS = 8
 QUESTION = "What is in this picture?"
 
@@ -84,7 +85,7 @@ def llava_server(tiny_models: Path, media_dir: Path) -> Iterator[ConveyorServer]
     server = ConveyorServer(str(tiny_models / "llava"), "--served-model-name", MODEL, "--max-model-len", "512",
                             "--kv-cache-memory", "64MiB", "--allowed-local-media-path", str(media_dir),
                             "--limit-mm-per-prompt", '{"image": 2}', "--enable-mm-embeds",
-                            "--allowed-media-domains", "127.0.0.1", env={"VLLM_IMAGE_FETCH_TIMEOUT": "0.5"})
+                            "--allowed-media-domains", "127.0.0.1", env={"VLLM_IMAGE_FETCH_TIMEOUT": "0.5", "CONVEYOR_MAX_MEDIA_BYTES": str(MAX_MEDIA_BYTES)})
     yield server
     server.stop()
 
@@ -252,3 +253,13 @@ def test_images_over_http_follow_the_allowed_hosts(llava_server: ConveyorServer,
             _chat(llava_server, _messages([url]))
         assert refused.value.body["param"] == "messages", url  # type: ignore[index]
     assert _chat(llava_server, [{"role": "user", "content": "still serving"}]).choices[0].message.content
+
+
+def test_an_image_over_the_byte_limit_is_refused(llava_server: ConveyorServer, media_dir: Path) -> None:
+    big = _png(22, 400, 400)  # random pixels do not compress: ~480 kB
+    assert len(big) > MAX_MEDIA_BYTES
+    (media_dir / "big.png").write_bytes(big)
+    for url in (_data_url(big), f"file://{media_dir / 'big.png'}"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            _chat(llava_server, _messages([url]))
+        assert refused.value.body["param"] == "messages" and "bytes" in str(refused.value)  # type: ignore[index]
