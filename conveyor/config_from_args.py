@@ -33,7 +33,8 @@ def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
                           mm_processor_kwargs=_json_flag(args.mm_processor_kwargs, "--mm-processor-kwargs"),
                           media_io_kwargs=_media_io_kwargs(args.media_io_kwargs),
                           enable_mm_embeds=args.enable_mm_embeds,
-                          mm_processor_cache_gb=max(0.0, args.mm_processor_cache_gb))
+                          mm_processor_cache_gb=max(0.0, args.mm_processor_cache_gb),
+                          shutdown_timeout_s=max(0.0, args.shutdown_timeout))
 
 
 def _json_flag(text: str, flag: str) -> dict[str, Any]:

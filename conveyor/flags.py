@@ -37,6 +37,9 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
                        help="require 'Authorization: Bearer KEY' on /v1/* (also VLLM_API_KEY)")
     group.add_argument("--api-server-count", type=int, default=1, help="frontend processes sharing the port")
     group.add_argument("--uvicorn-log-level", default="warning")
+    group.add_argument("--shutdown-timeout", type=float, default=0.0,
+                       help="seconds in-flight requests may run on after SIGTERM/SIGINT before they are aborted "
+                            "(/health and new requests answer 503 meanwhile; 0: abort at once, as vLLM)")
     group.add_argument("--max-log-len", type=int, default=None, help="accepted for vLLM compatibility")
     group.add_argument("--enable-auto-tool-choice", action="store_true",
                        help='tool_choice "auto" (the default when a request has tools): parse tool calls out of '

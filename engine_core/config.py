@@ -180,6 +180,7 @@ class FrontendConfig:
     media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # --media-io-kwargs: modality -> options
     enable_mm_embeds: bool = False  # --enable-mm-embeds: accept precomputed image embeddings (image_embeds parts)
     mm_processor_cache_gb: float = 4.0  # --mm-processor-cache-gb: processed media kept per frontend (0: none)
+    shutdown_timeout_s: float = 0.0  # --shutdown-timeout: how long in-flight requests may finish after SIGTERM
 
 
 @dataclass(frozen=True)
