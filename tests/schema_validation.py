@@ -167,6 +167,7 @@ def _aligned_logprobs(choices: list[Any]) -> None:
 
 
 def validate_completion(raw: dict[str, Any]) -> Completion:
+    assert raw.get("system_fingerprint", "") is not None, raw  # a string when present (OpenAI's spec)
     completion = Completion.model_validate(raw, strict=True)
     check_extras(completion)
     _aligned_logprobs(completion.choices)
@@ -177,6 +178,10 @@ def validate_completion(raw: dict[str, Any]) -> Completion:
 
 
 def validate_chat_completion(raw: dict[str, Any]) -> ChatCompletion:
+    # OpenAI's published spec, stricter than the SDK's types: a message always carries `refusal` (null here), and
+    # `system_fingerprint` is a string when present, never null
+    assert all("refusal" in choice["message"] for choice in raw["choices"]), raw
+    assert raw.get("system_fingerprint", "") is not None, raw
     chat = ChatCompletion.model_validate(raw, strict=True)
     check_extras(chat)
     assert chat.id.startswith("chatcmpl-") and chat.usage is not None
@@ -186,6 +191,7 @@ def validate_chat_completion(raw: dict[str, Any]) -> ChatCompletion:
 
 
 def validate_completion_chunk(raw: dict[str, Any]) -> Completion:
+    assert raw.get("system_fingerprint", "") is not None, raw
     chunk = _CompletionChunk.model_validate(raw, strict=True)
     check_extras(chunk)
     _aligned_logprobs(chunk.choices)

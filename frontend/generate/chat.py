@@ -65,14 +65,13 @@ class ChatServing:
                            max_tokens: int) -> dict[str, Any]:
         check_beam_search_request(request, request.logprobs)
         results = await beam_search_all(self.frontend, request, request_id, [prompt_token_ids], [max_tokens])
-        choices = [{"index": rank, "logprobs": None, "finish_reason": "stop" if h.finished_by_stop else "length",
+        choices: list[dict[str, Any]] = [{"index": rank, "logprobs": None, "finish_reason": "stop" if h.finished_by_stop else "length",
                     "stop_reason": None,
                     "message": {"role": "assistant", "content": hypothesis_text(self.frontend, request, h),
-                                "tool_calls": []}}
+                                "refusal": None, "tool_calls": []}}
                    for rank, h in enumerate(results[0])]
         return {"id": request_id, "created": int(time.time()), "model": self.frontend.model_config.served_model_name,
-                "object": "chat.completion", "choices": choices, "usage": beam_usage([prompt_token_ids], results),
-                "system_fingerprint": None}
+                "object": "chat.completion", "choices": choices, "usage": beam_usage([prompt_token_ids], results)}
 
     def _logprobs(self, request: ChatCompletionRequest, records: list[TokenRecord]) -> dict[str, Any] | None:
         if not request.logprobs:
@@ -96,7 +95,7 @@ class ChatServing:
                 **({"token_ids": choice.state.token_ids} if request.return_token_ids else {}),
             })
         body = {**header, "object": "chat.completion", "choices": body_choices, "usage": usage(choices),
-                "system_fingerprint": None, **kv_transfer_params(choices),
+                **kv_transfer_params(choices),
                 # vLLM puts the (shared) prompt's logprobs on the response, not on each choice
                 "prompt_logprobs": prompt_logprobs_json(self.frontend.tokenizer, choices[0].prompt_token_ids,
                                                         choices[0].state.prompt_logprobs,

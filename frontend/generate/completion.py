@@ -71,8 +71,7 @@ class CompletionServing:
                     "stop_reason": None, "prompt_logprobs": None}
                    for prompt_index, hypotheses in enumerate(results) for rank, h in enumerate(hypotheses)]
         return {"id": request_id, "created": int(time.time()), "model": self.frontend.model_config.served_model_name,
-                "object": "text_completion", "choices": choices, "usage": beam_usage(prompts, results),
-                "system_fingerprint": None}
+                "object": "text_completion", "choices": choices, "usage": beam_usage(prompts, results)}
 
     def _tokenize_prompts(self, request: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """Token ids of each prompt and its text (for echo)."""
@@ -120,7 +119,7 @@ class CompletionServing:
                 body_choice.update(prompt_token_ids=choice.prompt_token_ids, token_ids=state.token_ids)
             body_choices.append(body_choice)
         return {**header, "object": "text_completion", "choices": body_choices, "usage": usage(choices),
-                "system_fingerprint": None, **kv_transfer_params(choices)}
+                **kv_transfer_params(choices)}
 
     async def _stream(self, request: CompletionRequest, choices: list[Choice], header: dict[str, Any],
                       echo_texts: list[str]) -> AsyncIterator[str]:

@@ -299,13 +299,14 @@ class ChoiceToolOutput:
                 finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The whole `message` (content after `prefix`, the echoed text) and the choice's finish reason."""
         if self.processor is None:
-            return {"role": role, "content": prefix + text, "tool_calls": []}, finish_reason
+            return {"role": role, "content": prefix + text, "refusal": None, "tool_calls": []}, finish_reason
         extracted = self.processor.extract(text)
         calls = extracted.tool_calls if self.plan.parallel_tool_calls else extracted.tool_calls[:1]
         content: str | None = prefix + (extracted.content or "")
         if calls and not content:
             content = None
-        message = {"role": role, "content": content, "tool_calls": [call.to_openai() for call in calls]}
+        message = {"role": role, "content": content, "refusal": None,
+                   "tool_calls": [call.to_openai() for call in calls]}
         return message, self.plan.finish_reason(finish_reason, bool(calls))
 
 
