@@ -279,13 +279,14 @@ class EngineCore:
 
 
 def run_engine_core(config: EngineConfig, ready_event: EventLike | None = None) -> None:
-    """Process entry point: build the engine, signal readiness, loop until SIGTERM/SIGINT or death."""
+    """Process entry point: build the engine, signal readiness, loop until SIGTERM or death (exit code 1)."""
+    # Ctrl-C reaches the whole process group: the launcher drains the frontends first, then stops us with SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     suffix = str(config.parallel.data_parallel_rank) if config.parallel.data_parallel_size > 1 else ""
     become_child_process(f"conveyor-core{suffix}")
     configure_logging(f"core{suffix}")
     core = EngineCore(config)
     signal.signal(signal.SIGTERM, lambda *_: core.stop())
-    signal.signal(signal.SIGINT, lambda *_: core.stop())
     if ready_event is not None:
         ready_event.set()
     logger.info("engine core ready at %s", config.engine_address)

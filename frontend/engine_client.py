@@ -9,12 +9,15 @@
 With data parallelism there is one DEALER (and one reader task) per engine core.
 Invariants: a request id has a queue exactly while its `generate()` runs; a `generate()` that ends before its
 request finished (client gone, stop string matched, cancellation) aborts the request in the engine. Once the
-engine is dead it stays dead: waiting requests fail and new ones answer 503 at once.
+engine is dead, waiting requests fail and new ones answer 503 at once. It stays dead, unless the client was made
+with `reconnect_model` (`conveyor frontend --engine-address`): then, while rank 0's socket is connected, it asks
+the engine at that address who it is each second, and an engine serving that same model is used again.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol, Union
@@ -22,13 +25,16 @@ from typing import AsyncIterator, Protocol, Union
 import zmq
 import zmq.asyncio
 
-from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutput, EngineCoreRequest, FrontendMessage,
-                                  SchedulerStats, engine_outputs_decoder, frontend_message_encoder)
+from engine_core.protocol import (AbortRequest, ClientHello, EngineCoreOutput, EngineCoreRequest, EngineInfo,
+                                  FrontendMessage, ModelInfo, SchedulerStats, engine_outputs_decoder,
+                                  frontend_message_encoder)
 from frontend.errors import BadRequestError, EngineDeadError
 
 logger = logging.getLogger("conveyor.frontend")
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0  # the core sends something at least every 1 s
+_RECONNECT_HELLO_INTERVAL_S = 1.0  # while dead and connected: how often to ask the engine who it is
+_REFUSED_HELLO_INTERVAL_S = 10.0  # after an engine with another model answered: ask less often
 
 _QueueItem = Union[EngineCoreOutput, EngineDeadError]
 
@@ -73,6 +79,7 @@ class _EngineConnection:
     last_message_time: float
     stats: SchedulerStats | None = None
     sent_since_stats: int = 0  # requests sent after the latest stats, which cannot count them yet
+    connected: bool = True  # kept current by a socket monitor only when reconnecting (rank 0)
 
     @property
     def load(self) -> int:
@@ -88,7 +95,8 @@ class ZmqEngineClient:
     """
 
     def __init__(self, engine_addresses: str | list[str], client_index: int,
-                 heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> None:
+                 heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
+                 reconnect_model: ModelInfo | None = None) -> None:
         self.engine_addresses = [engine_addresses] if isinstance(engine_addresses, str) else list(engine_addresses)
         self.client_index = client_index
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -99,6 +107,8 @@ class ZmqEngineClient:
         self._dead_reason: str | None = None
         self._context: zmq.asyncio.Context | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._reconnect_model = reconnect_model  # None: once dead, dead for good
+        self._next_hello_time = 0.0
 
     @property
     def is_dead(self) -> bool:
@@ -127,8 +137,14 @@ class ZmqEngineClient:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
-            sock.connect(address)
             engine = _EngineConnection(rank, address, sock, now)
+            if rank == 0 and self._reconnect_model is not None:
+                # Monitored from before the first connection, so `connected` never misses an event.
+                engine.connected = False
+                monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+                self._tasks.append(asyncio.create_task(self._reconnect_loop(engine, monitor),
+                                                       name="engine-reconnect"))
+            sock.connect(address)
             self._engines.append(engine)
             self._send_nowait(engine, ClientHello(self.client_index))
             self._tasks.append(asyncio.create_task(self._read_loop(engine), name=f"engine-reader-{rank}"))
@@ -184,6 +200,12 @@ class ZmqEngineClient:
         if not self.is_dead:
             self._abort_in_engines(request_ids)
 
+    def declare_dead(self, reason: str) -> None:
+        """Fail every request in flight now (aborting it in the engine) and every later one, for good (no
+        reconnect): the server is going away (the engine process exited, or the shutdown timeout ran out)."""
+        self._reconnect_model = None
+        self._declare_dead(reason)
+
     # ------------------------------------------------------------------ internals
 
     def _least_loaded_engine(self) -> _EngineConnection:
@@ -222,14 +244,15 @@ class ZmqEngineClient:
                     queue.put_nowait(output)
             if outputs.engine_dead:
                 self._declare_dead(f"engine core {engine.rank} reported that it died")
-                return
+            elif outputs.engine_info is not None and engine.rank == 0:
+                self._maybe_revive(outputs.engine_info)
 
     async def _watch_heartbeats(self) -> None:
         interval_s = min(0.5, self.heartbeat_timeout_s / 4)
-        while self._dead_reason is None:
+        while True:  # not only while alive: a reconnected engine is watched again
             slept_from = time.monotonic()
             await asyncio.sleep(interval_s)
-            if time.monotonic() - slept_from > 2 * interval_s + 0.5:
+            if time.monotonic() - slept_from > 2 * interval_s + 0.5 or self._dead_reason is not None:
                 continue  # our own event loop was blocked: let the readers drain what arrived meanwhile
             for engine in self._engines:
                 silent_s = time.monotonic() - engine.last_message_time
@@ -248,6 +271,56 @@ class ZmqEngineClient:
         error = EngineDeadError(self._dead_message())
         for queue in self._queues.values():
             queue.put_nowait(error)
+
+    async def _reconnect_loop(self, rank0: _EngineConnection, monitor: zmq.asyncio.Socket) -> None:
+        """While dead: keep rank 0's connection state current, and ask the engine there who it is (only while
+        connected, so no questions pile up in ZeroMQ's queue while nobody listens)."""
+        hello_task = asyncio.create_task(self._hello_while_dead(rank0))
+        try:
+            while True:
+                frames = await monitor.recv_multipart()
+                event = struct.unpack("=hi", frames[0][:6])[0]
+                rank0.connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                self._next_hello_time = 0.0  # a new engine may be there: ask at once
+        finally:
+            hello_task.cancel()
+            rank0.socket.disable_monitor()
+            monitor.close(linger=0)
+
+    async def _hello_while_dead(self, rank0: _EngineConnection) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            if (self._dead_reason is not None and self._reconnect_model is not None and rank0.connected
+                    and time.monotonic() >= self._next_hello_time):
+                self._next_hello_time = time.monotonic() + _RECONNECT_HELLO_INTERVAL_S
+                self._send_nowait(rank0, ClientHello(self.client_index, want_engine_info=True))
+
+    def _maybe_revive(self, info: EngineInfo) -> None:
+        """An engine answered at rank 0's address while we are dead: serve through it again if it serves the
+        same model (our tokenizer, template and limits were built from that) and every rank is known."""
+        expected = self._reconnect_model
+        if self._dead_reason is None or expected is None or not all(info.engine_addresses):
+            return
+        if info.model != expected or len(info.engine_addresses) != len(self._engines):
+            self._next_hello_time = time.monotonic() + _REFUSED_HELLO_INTERVAL_S
+            logger.error("refusing the engine now at %s: it serves %s (%s, max_model_len %d, %d engine(s)), this "
+                         "frontend serves %s (%s, max_model_len %d, %d engine(s)); still answering 503",
+                         self._engines[0].address, info.model.served_model_name, info.model.model,
+                         info.model.max_model_len, len(info.engine_addresses), expected.served_model_name,
+                         expected.model, expected.max_model_len, len(self._engines))
+            return
+        now = time.monotonic()
+        for engine, address in zip(self._engines[1:], info.engine_addresses[1:]):
+            if address != engine.address:  # a restarted data-parallel rank listens on a new port
+                engine.socket.disconnect(engine.address)
+                engine.socket.connect(address)
+                engine.address = address
+        for engine in self._engines:
+            engine.stats, engine.sent_since_stats, engine.last_message_time = None, 0, now
+            self._send_nowait(engine, ClientHello(self.client_index))  # register for heartbeats
+        logger.info("the engine at %s is back (serving %s): serving again", self._engines[0].address,
+                    expected.served_model_name)
+        self._dead_reason = None
 
     def _dead_message(self) -> str:
         return f"the engine is not available ({self._dead_reason}); the server cannot serve requests"

@@ -1,8 +1,9 @@
 """Process entry point of a frontend: bind the shared port, run uvicorn (uvloop + httptools), exit cleanly.
 
 Several frontends (`--api-server-count N`) bind the same host:port with SO_REUSEPORT; the kernel spreads new
-connections across them. SIGTERM/SIGINT stop accepting, let open requests finish (up to a grace period),
-close the engine client and return.
+connections across them. SIGTERM drains (frontend/drain.py): new requests answer 503, open ones finish for up to
+--shutdown-timeout seconds, then the rest are aborted; SIGUSR1 (the launcher: the engine core exited) fails every
+open request at once. Either way uvicorn then stops, the engine client closes and this returns.
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ import uvicorn
 
 from engine_core.config import FrontendConfig
 from frontend.app import create_app
+from frontend.drain import DrainMiddleware, Drainer
 from frontend.engine_client import ZmqEngineClient
 from frontend.engine_handshake import fetch_engine_info, model_config_from_info
 
 logger = logging.getLogger("conveyor.frontend")
 
-GRACEFUL_SHUTDOWN_S = 30
+GRACEFUL_SHUTDOWN_S = 5  # uvicorn's own wait for connections, after the drain: a backstop only
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -40,14 +42,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server without re-raising the captured signal after shutdown: we return normally instead."""
+    """uvicorn's server with our signal handling (a `Drainer`, when given) and without re-raising the captured
+    signal after shutdown: we return normally instead."""
+
+    drainer: Drainer | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         previous: dict[int, Any] = {}
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, self.handle_exit)
+            if self.drainer is not None:
+                previous = self.drainer.install()
+            else:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    previous[sig] = signal.signal(sig, self.handle_exit)
         except ValueError:  # not the main thread (tests): no signal handling
             pass
         try:
@@ -64,15 +72,18 @@ def make_server(app: Any, log_level: str) -> _Server:
 
 
 def run_frontend(frontend_config: FrontendConfig, engine_address: str, client_index: int,
-                 process_index: int = 0) -> None:
+                 process_index: int = 0, reconnect: bool = False) -> None:
     """Ask the engine at `engine_address` what it serves, then serve the OpenAI API for it on
-    frontend_config.host:port until SIGTERM/SIGINT."""
+    frontend_config.host:port until SIGTERM (or SIGUSR1). With `reconnect` (`conveyor frontend`), a dead engine
+    is waited for: an engine serving the same model at that address again is used again."""
     _become_child_process(f"conveyor-fe{process_index}")
     info = fetch_engine_info(engine_address, client_index)
     model_config = model_config_from_info(info.model)
     sock = bind_socket(frontend_config.host, frontend_config.port)
-    app = create_app(model_config, frontend_config, ZmqEngineClient(info.engine_addresses, client_index))
+    engine = ZmqEngineClient(info.engine_addresses, client_index, reconnect_model=info.model if reconnect else None)
+    app = DrainMiddleware(create_app(model_config, frontend_config, engine))
     server = make_server(app, frontend_config.uvicorn_log_level)
+    server.drainer = Drainer(server, app, engine.declare_dead, frontend_config.shutdown_timeout_s)
     logger.info("frontend %d serving %s on http://%s:%d", process_index, model_config.served_model_name,
                 frontend_config.host, frontend_config.port)
     try:
