@@ -1,4 +1,5 @@
-"""Process tree: several frontends on one port, clean shutdown, and 503s (never hangs) when the engine dies."""
+"""Process tree: several frontends on one port, clean shutdown, and a dead engine (worker or core) failing the open
+requests and ending `conveyor serve` with a non-zero exit code, so a supervisor restarts it."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.streams import open_streams
 from tests.server_harness import ConveyorServer, session_pids
 
 
@@ -46,25 +48,26 @@ def test_ctrl_c_stops_the_whole_process_tree(tiny_models: Path) -> None:
     assert server.process.returncode == 0
 
 
-def _wait_until_dead(server: ConveyorServer) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and httpx.get(f"{server.base_url}/health").status_code == 200:
-        time.sleep(0.2)
-    time.sleep(2.0)  # the other frontend's heartbeat clock runs out a moment later
-    for _ in range(6):  # new connections: both frontend processes answer
-        assert httpx.get(f"{server.base_url}/health").status_code == 503
-        response = _complete(server)
-        assert response.status_code == 503
-        assert set(response.json()["error"]) >= {"message", "type", "param", "code"}
-
-
-@pytest.mark.parametrize("victim", ["conveyor-w0", "conveyor-core"])
-def test_dead_engine_makes_every_frontend_answer_503(tiny_models: Path, victim: str) -> None:
-    """A killed worker (the core notices and broadcasts a sentinel) or a killed core (heartbeats stop)."""
-    server = ConveyorServer(str(tiny_models / "llama"), "--api-server-count", "2", "--kv-cache-memory", "32MiB")
+@pytest.mark.parametrize("victim, args", [("conveyor-w0", ()), ("conveyor-core", ()),
+                                          ("conveyor-core1", ("-dp", "2"))])
+def test_dead_engine_fails_open_streams_and_ends_the_server(tiny_models: Path, victim: str,
+                                                            args: tuple[str, ...]) -> None:
+    """kill -9 of a worker (the core notices, tells the frontends, exits 1) or of a core (the launcher notices)
+    while streams are open on both frontends: every stream ends with an error event within 5 s, `conveyor serve`
+    exits non-zero within 10 s and leaves no process behind. With -dp 2, either engine's death ends the server."""
+    server = ConveyorServer(str(tiny_models / "llama"), "--api-server-count", "2", "--kv-cache-memory", "32MiB",
+                            "--max-model-len", "2048", *args)
     try:
-        assert _complete(server).status_code == 200
+        streams = open_streams(server, 6, max_tokens=2000)
+        killed_at = time.monotonic()
         os.kill(_pids_named(server, victim)[0], signal.SIGKILL)
-        _wait_until_dead(server)
+        for stream in streams:
+            stream.join(timeout=30)
+        for stream in streams:
+            assert stream.error is not None, (stream.chunks, stream.exception, server.log_tail())
+            assert stream.ended_at - killed_at < 5.0, stream.ended_at - killed_at
+        server.process.wait(timeout=max(0.1, 10.0 - (time.monotonic() - killed_at)))
+        assert server.process.returncode not in (0, None)
+        assert "stopping the server (exit code 1)" in server.log_tail(200)
     finally:
         assert server.stop() == []
