@@ -20,8 +20,20 @@ def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
     if args.tool_call_parser is not None and args.tool_call_parser not in tool_parser_names():
         raise SystemExit(f"--tool-call-parser {args.tool_call_parser!r} is not one of "
                          f"{', '.join(tool_parser_names())}")
-    return FrontendConfig(host=args.host, port=args.port, api_key=args.api_key,
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise SystemExit("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    return FrontendConfig(host=args.host, port=args.port,
+                          api_key=tuple(args.api_key) if args.api_key else None,
                           api_server_count=args.api_server_count, uvicorn_log_level=args.uvicorn_log_level,
+                          metrics_require_api_key=args.metrics_require_api_key,
+                          ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                          ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
+                          root_path=args.root_path, allowed_origins=tuple(args.allowed_origins),
+                          allowed_methods=tuple(args.allowed_methods), allowed_headers=tuple(args.allowed_headers),
+                          allow_credentials=args.allow_credentials, enable_log_requests=args.enable_log_requests,
+                          max_log_len=args.max_log_len, disable_uvicorn_access_log=args.disable_uvicorn_access_log,
+                          enable_request_id_headers=args.enable_request_id_headers,
+                          enable_force_include_usage=args.enable_force_include_usage,
                           enable_auto_tool_choice=args.enable_auto_tool_choice,
                           tool_call_parser=args.tool_call_parser,
                           exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
@@ -81,6 +93,7 @@ def engine_config_from_args(args: argparse.Namespace, engine_address: str) -> tu
                                 data_parallel_size=args.data_parallel_size,
                                 distributed_executor_backend=args.distributed_executor_backend),
         engine_address=engine_address,
+        log_stats=not args.disable_log_stats,
     )
     return engine, frontend_config_from_args(args)
 

@@ -3,7 +3,8 @@ unchanged. Turning parsed flags into configs is `conveyor/config_from_args.py`."
 from __future__ import annotations
 
 import argparse
-import os
+import json
+from collections.abc import Callable
 
 from engine_core.config import KVTransferConfig
 
@@ -30,17 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("frontend")
-    group.add_argument("--host", default="127.0.0.1")
-    group.add_argument("--port", type=int, default=8000)
-    group.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1/* (also VLLM_API_KEY)")
-    group.add_argument("--api-server-count", type=int, default=1, help="frontend processes sharing the port")
-    group.add_argument("--uvicorn-log-level", default="warning")
-    group.add_argument("--shutdown-timeout", type=float, default=0.0,
-                       help="seconds in-flight requests may run on after SIGTERM/SIGINT before they are aborted "
-                            "(/health and new requests answer 503 meanwhile; 0: abort at once, as vLLM)")
-    group.add_argument("--max-log-len", type=int, default=None, help="accepted for vLLM compatibility")
+    """The flags of one API server, shared by `conveyor serve` and `conveyor frontend`, grouped by topic."""
+    _add_http_flags(parser)
+    _add_auth_flags(parser)
+    _add_logging_flags(parser)
+    group = parser.add_argument_group("OpenAI API")
+    group.add_argument("--enable-force-include-usage", action="store_true",
+                       help="send usage in every streamed completion/chat answer, even without "
+                            "stream_options.include_usage")
     group.add_argument("--enable-auto-tool-choice", action="store_true",
                        help='tool_choice "auto" (the default when a request has tools): parse tool calls out of '
                             "the output with --tool-call-parser")
@@ -51,6 +49,7 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-request-chat-template", action="store_true",
                        help="accept a chat_template in requests (templates run sandboxed, but a client could still "
                             "send one that renders for a very long time)")
+    group = parser.add_argument_group("multimodal")
     group.add_argument("--allowed-local-media-path", default=None,
                        help="a folder requests may read images from with file:// URLs (symlinks resolved; nothing "
                             "outside it); without it file:// URLs are refused")
@@ -69,6 +68,73 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
                             "and resized once (0: off)")
     group.add_argument("--media-io-kwargs", default="{}",
                        help='defaults for requests\' media_io_kwargs, as JSON: \'{"video": {"num_frames": 8}}\'')
+
+
+def _add_http_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("HTTP server")
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--api-server-count", type=int, default=1, help="frontend processes sharing the port")
+    group.add_argument("--shutdown-timeout", type=float, default=0.0,
+                       help="seconds in-flight requests may run on after SIGTERM/SIGINT before they are aborted "
+                            "(/health and new requests answer 503 meanwhile; 0: abort at once, as vLLM)")
+    group.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM)")
+    group.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain (PEM); with --ssl-keyfile")
+    group.add_argument("--ssl-ca-certs", default=None, help="CA certificates to verify client certificates with")
+    group.add_argument("--ssl-cert-reqs", type=int, default=0,
+                       help="client certificates: 0 not asked (ssl.CERT_NONE), 1 optional, 2 required")
+    group.add_argument("--root-path", default=None,
+                       help="the path prefix a path-based proxy serves the API under (FastAPI root_path)")
+    group.add_argument("--allowed-origins", type=_json_list("--allowed-origins"), default=["*"],
+                       help='CORS: origins allowed, as a JSON list (default ["*"])')
+    group.add_argument("--allowed-methods", type=_json_list("--allowed-methods"), default=["*"],
+                       help='CORS: methods allowed, as a JSON list (default ["*"])')
+    group.add_argument("--allowed-headers", type=_json_list("--allowed-headers"), default=["*"],
+                       help='CORS: request headers allowed, as a JSON list (default ["*"])')
+    group.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    group.add_argument("--enable-request-id-headers", action="store_true",
+                       help="answer every request with an X-Request-Id header (the client's own, or a new one)")
+
+
+def _add_auth_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("authentication")
+    group.add_argument("--api-key", nargs="+", action="extend", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route but /health, /version, "
+                            "/openapi.json and /metrics; several keys may be given (default: VLLM_API_KEY)")
+    group.add_argument("--metrics-require-api-key", action="store_true",
+                       help="with --api-key, require the key on /metrics too")
+
+
+def _add_logging_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("logging")
+    group.add_argument("--uvicorn-log-level", default="warning",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+    group.add_argument("--disable-uvicorn-access-log", action="store_true",
+                       help="no access log line per HTTP request (shown at --uvicorn-log-level info or lower)")
+    group.add_argument("--enable-log-requests", action="store_true",
+                       help="log each engine request: id, prompt (up to --max-log-len) and sampling parameters")
+    group.add_argument("--disable-log-requests", action="store_true",
+                       help=argparse.SUPPRESS)  # older vLLM spelling of the default
+    group.add_argument("--max-log-len", type=int, default=None,
+                       help="prompt characters and token ids shown by --enable-log-requests (default: all)")
+    group.add_argument("--disable-log-stats", action="store_true",
+                       help="no periodic throughput line from the engine")
+
+
+def _json_list(flag: str) -> Callable[[str], list[str]]:
+    """vLLM's JSON list value ('["http://a.example", "http://b.example"]'); a bare word is a list of one."""
+    def parse(text: str) -> list[str]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return [text]
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise argparse.ArgumentTypeError(f"{flag} takes a JSON list of strings, got {text!r}")
+        return value
+
+    return parse
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:

@@ -166,9 +166,24 @@ class ParallelConfig:
 class FrontendConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | tuple[str, ...] | None = None  # --api-key: one or several keys (VLLM_API_KEY when none)
     api_server_count: int = 1
     uvicorn_log_level: str = "warning"
+    metrics_require_api_key: bool = False  # --metrics-require-api-key: /metrics behind the key too
+    ssl_keyfile: str | None = None  # --ssl-keyfile/--ssl-certfile: serve HTTPS
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None  # --ssl-ca-certs: CA bundle for client certificates
+    ssl_cert_reqs: int = 0  # --ssl-cert-reqs: ssl.CERT_NONE (0), CERT_OPTIONAL (1), CERT_REQUIRED (2)
+    root_path: str | None = None  # --root-path: the prefix a path-based proxy serves the API under
+    allowed_origins: tuple[str, ...] = ("*",)  # CORS (--allowed-origins/-methods/-headers, --allow-credentials)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    enable_log_requests: bool = False  # --enable-log-requests: one log line per engine request
+    max_log_len: int | None = None  # --max-log-len: prompt characters / token ids shown in that line
+    disable_uvicorn_access_log: bool = False
+    enable_request_id_headers: bool = False  # --enable-request-id-headers: X-Request-Id on every response
+    enable_force_include_usage: bool = False  # --enable-force-include-usage: usage in every stream
     enable_auto_tool_choice: bool = False  # tool_choice "auto" parses calls out of the output (needs a parser)
     tool_call_parser: str | None = None  # --tool-call-parser: a name registered in frontend.generate.tool_parsers
     exclude_tools_when_tool_choice_none: bool = False  # tool_choice "none": keep tools out of the chat template
@@ -191,6 +206,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     engine_address: str = ""  # ZeroMQ address frontends connect to, e.g. ipc:///tmp/conveyor-xyz/engine
     dp_master_address: str = ""  # data-parallel rank > 0: rank 0's engine_address, where this core registers
+    log_stats: bool = True  # the core's periodic throughput line (off: --disable-log-stats)
 
 
 def parse_json_object(text: str, flag: str) -> dict[str, Any]:

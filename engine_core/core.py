@@ -154,12 +154,15 @@ class FrontendIO:
 class StatsLogger:
     """One concise log line every STATS_LOG_INTERVAL_S while the engine is busy."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self._enabled = enabled  # False: --disable-log-stats
         self._last_time = time.monotonic()
         self._last = SchedulerStats()
         self._generated_tokens = 0
 
     def record(self, stats: SchedulerStats, num_generated_tokens: int) -> None:
+        if not self._enabled:
+            return
         self._generated_tokens += num_generated_tokens
         elapsed = time.monotonic() - self._last_time
         if elapsed < STATS_LOG_INTERVAL_S:
@@ -188,7 +191,7 @@ class EngineCore:
                               self._engine_info(config, self._executor.logits_processors))
         if config.dp_master_address:
             self._register_with_master(config)
-        self._stats_logger = StatsLogger()
+        self._stats_logger = StatsLogger(config.log_stats)
         self._running = True
 
     @staticmethod

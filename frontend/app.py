@@ -9,10 +9,9 @@ import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from engine_core.config import FrontendConfig, ModelConfig
-from frontend.dependencies import verify_api_key
 from frontend.engine_client import EngineClient
 from frontend.errors import install_error_handlers
 from frontend.generate import router as generate_router
@@ -20,6 +19,7 @@ from frontend.generate.chat import ChatServing
 from frontend.generate.completion import CompletionServing
 from frontend.generate.responses import router as responses_router
 from frontend.generate.responses.serving import ResponsesServing
+from frontend.http_middleware import install_middleware
 from frontend.pooling import router as pooling_router
 from frontend.pooling.classification import ClassificationServing
 from frontend.pooling.embedding import EmbeddingServing
@@ -44,7 +44,9 @@ def create_app(model_config: ModelConfig, frontend_config: FrontendConfig, engin
         finally:
             await engine_client.close()
 
-    app = FastAPI(title="Conveyor", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # root_path (--root-path) as vLLM sets it: URLs work with and without the prefix, /openapi.json names it.
+    app = FastAPI(title="Conveyor", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  root_path=frontend_config.root_path or "")
     app.state.frontend = state
     app.state.completion_serving = CompletionServing(state)
     app.state.chat_serving = ChatServing(state)
@@ -54,17 +56,19 @@ def create_app(model_config: ModelConfig, frontend_config: FrontendConfig, engin
     app.state.score_serving = ScoreServing(state)
     app.state.speech_serving = SpeechServing(state)
     install_error_handlers(app)
-    protected = [Depends(verify_api_key)]
-    app.include_router(models.v1_router, dependencies=protected)
-    app.include_router(generate_router.v1_router, dependencies=protected)
-    app.include_router(responses_router.v1_router, dependencies=protected)
-    app.include_router(pooling_router.v1_router, dependencies=protected)  # also /v2/rerank
-    app.include_router(speech_router.v1_router, dependencies=protected)
-    app.include_router(speech_router.websocket_router)  # checks the API key itself
+    # No per-router auth: the API-key middleware guards every route but frontend/auth.py's OPEN_PATHS.
+    app.include_router(models.v1_router)
+    app.include_router(generate_router.v1_router)
+    app.include_router(responses_router.v1_router)
+    app.include_router(pooling_router.v1_router)  # also /v2/rerank
+    app.include_router(speech_router.v1_router)
+    app.include_router(speech_router.websocket_router)
     app.include_router(models.router)
     app.include_router(tokenize.router)
     app.include_router(pooling_router.router)
     app.include_router(metrics.router)
-    if state.api_key is not None:
-        logger.info("API key required on /v1 and /v2 routes")
+    install_middleware(app, frontend_config, state.api_keys)
+    if state.api_keys.required:
+        logger.info("API key required on every route but /health, /version, /openapi.json%s",
+                    "" if frontend_config.metrics_require_api_key else " and /metrics")
     return app

@@ -1,14 +1,12 @@
 """FastAPI dependency getters: routers reach process state through these, never through module globals."""
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from typing import TypeVar
 
 from fastapi import Depends, Request
 
 from frontend.engine_client import EngineClient
-from frontend.errors import AuthenticationError
 from frontend.state import FrontendState
 
 
@@ -32,14 +30,3 @@ def app_state_getter(name: str, kind: type[_Serving]) -> Callable[[Request], _Se
         return value
 
     return get
-
-
-
-def verify_api_key(request: Request, state: FrontendState = Depends(get_state)) -> None:
-    """With --api-key (or VLLM_API_KEY), every /v1 and /v2 route needs `Authorization: Bearer KEY`."""
-    if state.api_key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), state.api_key.encode()):
-        raise AuthenticationError("Incorrect or missing API key: send `Authorization: Bearer <key>`.",
-                                  code="invalid_api_key")

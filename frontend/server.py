@@ -65,10 +65,18 @@ class _Server(uvicorn.Server):
                 signal.signal(signum, handler)
 
 
-def make_server(app: Any, log_level: str) -> _Server:
+def make_server(app: Any, log_level: str, **options: Any) -> _Server:
+    """`options`: more uvicorn.Config arguments (`uvicorn_options`: TLS, the access log)."""
     config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", log_level=log_level,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **{"access_log": False, **options})
     return _Server(config)
+
+
+def uvicorn_options(frontend_config: FrontendConfig) -> dict[str, Any]:
+    """The frontend flags uvicorn itself applies: --ssl-* and --disable-uvicorn-access-log."""
+    return {"access_log": not frontend_config.disable_uvicorn_access_log,
+            "ssl_keyfile": frontend_config.ssl_keyfile, "ssl_certfile": frontend_config.ssl_certfile,
+            "ssl_ca_certs": frontend_config.ssl_ca_certs, "ssl_cert_reqs": frontend_config.ssl_cert_reqs}
 
 
 def run_frontend(frontend_config: FrontendConfig, engine_address: str, client_index: int,
@@ -82,10 +90,10 @@ def run_frontend(frontend_config: FrontendConfig, engine_address: str, client_in
     sock = bind_socket(frontend_config.host, frontend_config.port)
     engine = ZmqEngineClient(info.engine_addresses, client_index, reconnect_model=info.model if reconnect else None)
     app = DrainMiddleware(create_app(model_config, frontend_config, engine))
-    server = make_server(app, frontend_config.uvicorn_log_level)
+    server = make_server(app, frontend_config.uvicorn_log_level, **uvicorn_options(frontend_config))
     server.drainer = Drainer(server, app, engine.declare_dead, frontend_config.shutdown_timeout_s)
-    logger.info("frontend %d serving %s on http://%s:%d", process_index, model_config.served_model_name,
-                frontend_config.host, frontend_config.port)
+    logger.info("frontend %d serving %s on %s://%s:%d", process_index, model_config.served_model_name,
+                "https" if frontend_config.ssl_certfile else "http", frontend_config.host, frontend_config.port)
     try:
         server.run(sockets=[sock])
     finally:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine_core.config import FrontendConfig, ModelConfig
+from frontend.auth import ApiKeys
 from frontend.chat_template import ChatTemplate, load_chat_template, load_score_template
 from frontend.engine_client import EngineClient
 from frontend.errors import BadRequestError, EngineDeadError, NotFoundError
@@ -35,7 +35,7 @@ class FrontendState:
     generation_defaults: dict[str, Any]
     eos: EosConfig
     metrics: FrontendMetrics
-    api_key: str | None
+    api_keys: ApiKeys  # --api-key / VLLM_API_KEY (frontend/auth.py checks them)
     created: int  # unix time of start-up, shown in /v1/models
     score_template: ChatTemplate | None = None  # --score-template: renders a (query, document) pair for /score
     speech: WhisperVocab | None = None  # set exactly for a Whisper (speech-to-text) model
@@ -54,7 +54,7 @@ class FrontendState:
                    chat_template=load_chat_template(model_config, tokenizer.special_tokens),
                    generation_defaults=load_generation_defaults(model_config), eos=eos,
                    metrics=FrontendMetrics(model_config.served_model_name, lambda: engine.engine_stats),
-                   api_key=resolve_api_key(frontend_config.api_key), created=int(time.time()),
+                   api_keys=ApiKeys.resolve(frontend_config.api_key), created=int(time.time()),
                    score_template=load_score_template(model_config, tokenizer.special_tokens),
                    speech=_load_speech_vocab(model_config, tokenizer),
                    vision=load_vision_model(model_config.model),
@@ -109,7 +109,3 @@ def _load_speech_vocab(model_config: ModelConfig, tokenizer: TokenizerInfo) -> W
     logger.info("speech model: %s, decoder prompt starts %s", "multilingual" if vocab.multilingual else "English-only",
                 vocab.decoder_prompt("transcribe", "en", []))
     return vocab
-
-
-def resolve_api_key(configured: str | None) -> str | None:
-    return configured or os.environ.get("VLLM_API_KEY") or None

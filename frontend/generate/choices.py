@@ -17,6 +17,7 @@ from frontend.detokenizer import ChoiceDelta, ChoiceState, IncrementalDetokenize
 from frontend.errors import BadRequestError
 from frontend.generate.protocol import SamplingRequest
 from frontend.generate.sampling import build_sampling_params
+from frontend.request_log import log_engine_request
 from frontend.state import FrontendState
 from frontend.streaming import merge_async_iterators
 
@@ -96,6 +97,7 @@ async def _run_choice(frontend: FrontendState, choice: Choice) -> AsyncIterator[
     """Deltas of one choice; returning early (stop string) closes the engine stream, which aborts it."""
     start = choice.engine_request.arrival_time
     first_token_time: float | None = None
+    log_engine_request(frontend, choice.engine_request)
     async with aclosing(frontend.engine.generate(choice.engine_request)) as outputs:  # type: ignore[type-var]
         async for output in outputs:
             delta = choice.state.process(output)

@@ -26,6 +26,7 @@ from frontend.multimodal.chat_media import attach_media, media_refs, prepare_med
 from frontend.pooling.encoding import pooled_array
 from frontend.pooling.protocol import InputFields, PoolingInput, PoolingRequestBase
 from frontend.protocol import ChatTemplateFields
+from frontend.request_log import log_engine_request
 from frontend.state import FrontendState
 from frontend.tokenizer import EncodedPrompt, check_token_ids
 
@@ -211,6 +212,7 @@ async def run_pooling(frontend: FrontendState, request_id: str, request: Pooling
 
 async def _pool_one(frontend: FrontendState, engine_request: EngineCoreRequest) -> PooledResult:
     final: EngineCoreOutput | None = None
+    log_engine_request(frontend, engine_request)
     async for output in frontend.engine.generate(engine_request):
         if output.finished:
             final = output

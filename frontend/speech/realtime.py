@@ -19,7 +19,6 @@ import base64
 import binascii
 import json
 import logging
-import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ from frontend.state import FrontendState
 logger = logging.getLogger("conveyor.frontend")
 
 _MAX_QUEUED_WINDOWS = 8  # backpressure: the reader waits while this many windows wait to be transcribed
-_API_KEY_SUBPROTOCOL = "openai-insecure-api-key."  # how browsers (no headers) send a key, as with OpenAI
 
 
 @dataclass
@@ -92,8 +90,9 @@ class RealtimeSession:
 
     async def _admit(self) -> WhisperVocab | None:
         """Check the API key and the model before accepting; refusals are HTTP answers to the handshake."""
-        api_key = self.frontend.api_key
-        if api_key is not None and not _key_matches(self.websocket, api_key):
+        # frontend/auth.py's middleware refuses a keyless handshake first; the same check here keeps the
+        # route safe in an app built without it.
+        if not self.frontend.api_keys.admits(self.websocket.scope):
             await self._deny(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
                              "invalid_api_key")
             return None
@@ -256,15 +255,3 @@ class RealtimeSession:
                 text += piece
                 await self.send(transcription_delta(piece))
         return text, len(prompt), len(choice.state.token_ids)
-
-
-def _key_matches(websocket: WebSocket, api_key: str) -> bool:
-    """`Authorization: Bearer KEY` (what vLLM checks), or the `openai-insecure-api-key.KEY` subprotocol."""
-    candidates = []
-    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer":
-        candidates.append(token.strip())
-    for protocol in websocket.scope.get("subprotocols") or []:
-        if str(protocol).startswith(_API_KEY_SUBPROTOCOL):
-            candidates.append(str(protocol)[len(_API_KEY_SUBPROTOCOL):])
-    return any(secrets.compare_digest(candidate.encode(), api_key.encode()) for candidate in candidates)

@@ -1,8 +1,8 @@
 """Speech: POST /v1/audio/transcriptions and /v1/audio/translations (multipart uploads, read by the serving code
 itself so the size limit holds while the body streams in), and the /v1/realtime WebSocket.
 
-Thin; the work is in speech/transcription.py and realtime.py. The WebSocket checks the API key itself (a
-WebSocket has no `Request` for the HTTP dependency).
+Thin; the work is in speech/transcription.py and realtime.py. frontend/auth.py's middleware checks the API key
+of the WebSocket handshake as of every HTTP request.
 """
 from __future__ import annotations
 

@@ -125,8 +125,10 @@ def test_api_key(keyed: FrontendHarness) -> None:
                      code="invalid_api_key")
         assert_error(http.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
         assert http.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
-        assert http.get("/health").status_code == 200  # only /v1 is protected
-        assert http.post("/tokenize", json={"prompt": "x"}).status_code == 200
+        assert http.get("/health").status_code == 200  # open: probes, /version, /metrics
+        assert http.get("/metrics").status_code == 200
+        assert_error(http.post("/tokenize", json={"prompt": "x"}), 401)  # every model route needs the key
+        assert http.post("/tokenize", json={"prompt": "x"}, headers={"Authorization": "Bearer sekret"}).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         keyed.openai(api_key="wrong").models.list()
     assert keyed.openai(api_key="sekret").completions.create(model=SERVED_NAME, prompt="x", max_tokens=1).choices

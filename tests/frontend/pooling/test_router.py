@@ -26,6 +26,7 @@ CLASSIFY = PoolerConfig(pooling_type="CLS", normalize=False, embedding_size=WIDT
                         id2label={0: "negative", 1: "neutral", 2: "positive"})
 CROSS = PoolerConfig(pooling_type="CLS", normalize=False, embedding_size=WIDTH, num_labels=1,
                      classifier_activation="sigmoid")
+API_KEY = "sk-x"  # cross_server's
 CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
 LONG_TEXT = " ".join(["word"] * 60)
 
@@ -58,7 +59,7 @@ def classify_server(pool_core: FakeCore) -> Iterator[FrontendHarness]:
 
 @pytest.fixture(scope="module")
 def cross_server(pool_core: FakeCore) -> Iterator[FrontendHarness]:
-    harness = _harness(pool_core, CROSS, frontend_options={"trust_request_chat_template": True}, api_key="sk-x")
+    harness = _harness(pool_core, CROSS, frontend_options={"trust_request_chat_template": True}, api_key=API_KEY)
     yield harness
     harness.stop()
 
@@ -74,8 +75,9 @@ def _requests_of(core: FakeCore, response_id: str) -> list[EngineCoreRequest]:
 
 
 def _post(harness: FrontendHarness, path: str, body: dict[str, Any], **headers: str) -> httpx.Response:
+    """POST with cross_server's API key (harmless to the servers without one) unless `headers` say otherwise."""
     with harness.http() as http:
-        return http.post(path, json=body, headers=headers)
+        return http.post(path, json=body, headers={"authorization": f"Bearer {API_KEY}", **headers})
 
 
 def _expect_400(response: httpx.Response, *words: str) -> dict[str, Any]:
@@ -302,14 +304,14 @@ def test_rerank_jina_and_cohere_shapes(cross_server: FrontendHarness, bert: Toke
     _expect_400(_post(cross_server, "/score", {"query": "q", "documents": ["a"]}), "text_1 and text_2")
 
 
-def test_api_key_guards_v1_and_v2_pooling_routes(cross_server: FrontendHarness) -> None:
+def test_api_key_guards_every_pooling_route(cross_server: FrontendHarness) -> None:
     for path, body in (("/v2/rerank", {"query": "q", "documents": ["a"]}), ("/v1/rerank", {"query": "q",
                                                                                            "documents": ["a"]}),
+                       ("/rerank", {"query": "q", "documents": ["a"]}), ("/score", {"text_1": "q", "text_2": "a"}),
                        ("/v1/score", {"text_1": "q", "text_2": "a"}), ("/v1/embeddings", {"input": "a"})):
-        assert _post(cross_server, path, body).status_code == 401, path
+        assert _post(cross_server, path, body, authorization="").status_code == 401, path
     assert _post(cross_server, "/rerank", {"query": "q", "documents": ["a"]}).status_code == 200
-    assert _post(cross_server, "/v1/score", {"text_1": "q", "text_2": "a"},
-                 authorization="Bearer sk-x").status_code == 200
+    assert _post(cross_server, "/v1/score", {"text_1": "q", "text_2": "a"}).status_code == 200
 
 
 def test_score_templates_render_query_and_document(cross_server: FrontendHarness, pool_core: FakeCore,
