@@ -109,6 +109,7 @@ class ZmqEngineClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._reconnect_model = reconnect_model  # None: once dead, dead for good
         self._next_hello_time = 0.0
+        self._client_message: str | None = None  # what failed requests are told, when not the engine's death
 
     @property
     def is_dead(self) -> bool:
@@ -204,7 +205,9 @@ class ZmqEngineClient:
         """Fail every request in flight now (aborting it in the engine) and every later one, for good (no
         reconnect): the server is going away (the engine process exited, or the shutdown timeout ran out)."""
         self._reconnect_model = None
-        self._declare_dead(reason)
+        if self._dead_reason is None:
+            logger.warning("failing %d request(s) in flight: %s", len(self._queues), reason)
+        self._declare_dead(reason, client_message=reason)
 
     # ------------------------------------------------------------------ internals
 
@@ -260,14 +263,16 @@ class ZmqEngineClient:
                     self._declare_dead(f"no message from engine core {engine.rank} for {silent_s:.1f} s")
                     break
 
-    def _declare_dead(self, reason: str) -> None:
+    def _declare_dead(self, reason: str, client_message: str | None = None) -> None:
         """Fail every waiting request; from now on every request answers 503."""
         if self._dead_reason is not None:
             return
-        logger.error("engine is dead (%s); %d request(s) in flight fail, new ones answer 503",
-                     reason, len(self._queues))
+        if client_message is None:
+            logger.error("engine is dead (%s); %d request(s) in flight fail, new ones answer 503",
+                         reason, len(self._queues))
         self._abort_in_engines(list(self._queues))  # in case only heartbeats stopped: free the blocks
         self._dead_reason = reason
+        self._client_message = client_message
         error = EngineDeadError(self._dead_message())
         for queue in self._queues.values():
             queue.put_nowait(error)
@@ -320,9 +325,11 @@ class ZmqEngineClient:
             self._send_nowait(engine, ClientHello(self.client_index))  # register for heartbeats
         logger.info("the engine at %s is back (serving %s): serving again", self._engines[0].address,
                     expected.served_model_name)
-        self._dead_reason = None
+        self._dead_reason, self._client_message = None, None
 
     def _dead_message(self) -> str:
+        if self._client_message is not None:
+            return self._client_message
         return f"the engine is not available ({self._dead_reason}); the server cannot serve requests"
 
 

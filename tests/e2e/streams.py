@@ -19,11 +19,12 @@ class OpenStream:
         self.error: dict[str, Any] | None = None  # the error event, if the stream ended with one
         self.done = False  # saw `data: [DONE]`
         self.finish_reason: str | None = None
+        self.completion_tokens = 0  # from the final usage chunk
         self.exception: BaseException | None = None  # the connection failed instead
         self.ended_at = 0.0  # time.monotonic() when the stream ended
         self.started = threading.Event()  # the first token arrived
         body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True,
-                "temperature": 0, "stream": True}
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
         self._thread = threading.Thread(target=self._read, args=(server.base_url, body), daemon=True)
         self._thread.start()
 
@@ -49,6 +50,9 @@ class OpenStream:
         if "error" in event:
             self.error = event["error"]
             return
+        if not event["choices"]:  # the usage chunk
+            self.completion_tokens = event["usage"]["completion_tokens"]
+            return
         self.chunks += 1
         self.finish_reason = event["choices"][0].get("finish_reason") or self.finish_reason
         self.started.set()
@@ -68,5 +72,6 @@ def open_streams(server: ConveyorServer, count: int, max_tokens: int) -> list[Op
     streams = [OpenStream(server, model, max_tokens) for _ in range(count)]
     for stream in streams:
         assert stream.started.wait(timeout=60), "a stream got no token"
-    assert not any(stream.ended_at for stream in streams), "a stream ended before the test acted"
+    assert not any(stream.ended_at for stream in streams), \
+        ["a stream ended before the test acted", *[(s.chunks, s.error, s.exception) for s in streams]]
     return streams
