@@ -138,7 +138,7 @@ def _scheduler_config(args: argparse.Namespace, model: ModelConfig, is_encoder: 
     max_num_seqs = args.max_num_seqs or (64 if is_encoder_decoder else 256)
     return SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=max_num_seqs,
                            max_model_len=model.max_model_len, policy=args.scheduling_policy,
-                           enable_chunked_prefill=chunked_prefill,
+                           enable_chunked_prefill=chunked_prefill, max_waiting_requests=max(0, args.max_waiting_requests),
                            pooling_tasks=model.pooler.tasks if model.pooler is not None else ())
 
 

@@ -182,6 +182,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="requests in one step at most (default 256; 64 for speech models, whose requests each "
                             "hold the encoder's cross-attention keys and values)")
     group.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
+    group.add_argument("--max-waiting-requests", type=int, default=0,
+                       help="refuse new requests with 503 + Retry-After while this many wait in the engine's "
+                            "queue (default 0: no bound)")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     group.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default="mp",
                        help="mp: one local process per tensor-parallel rank; ray: Ray actors in a placement group "

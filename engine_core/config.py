@@ -148,6 +148,7 @@ class SchedulerConfig:
     # Media encoder (`engine_core.encoder_cache`): rows one step may encode, and rows the workers keep; 0 = as
     # many as max_num_batched_tokens (vLLM's defaults)
     max_num_encoder_input_tokens: int = 0
+    max_waiting_requests: int = 0  # --max-waiting-requests: refuse new requests past this queue length (0: no bound)
     encoder_cache_size: int = 0
 
 

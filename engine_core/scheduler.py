@@ -40,6 +40,7 @@ from engine_core.step_plan import StepPlan
 logger = logging.getLogger("conveyor.scheduler")
 
 _NO_SAMPLE = "the worker returned no sampled token for a request whose tokens were all computed"
+QUEUE_FULL = "the engine's waiting queue is full"  # frontend.errors answers it 503 with Retry-After
 _NO_POOLING_OUTPUT = "the worker returned no pooled result for a pooling request whose prompt was computed"
 
 
@@ -124,6 +125,9 @@ class Scheduler:
 
     def _validate(self, req: EngineCoreRequest) -> str | None:
         num_prompt_tokens = len(req.prompt_token_ids)
+        if 0 < self.config.max_waiting_requests <= len(self.waiting):
+            return (f"{QUEUE_FULL} ({self.config.max_waiting_requests} requests, --max-waiting-requests): retry "
+                    "shortly")
         if req.request_id in self.requests:
             return f"request id {req.request_id!r} is already in use"
         if num_prompt_tokens == 0:

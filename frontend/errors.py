@@ -16,6 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("conveyor.frontend")
 
+QUEUE_FULL = "the engine's waiting queue is full"  # engine_core.scheduler's refusal, answered 503 + Retry-After
+
 _TYPE_BY_STATUS = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                    405: "MethodNotAllowedError", 413: "RequestTooLargeError", 422: "BadRequestError",
                    500: "InternalServerError", 503: "ServiceUnavailableError"}
@@ -25,6 +27,7 @@ class APIError(Exception):
     """An error with an HTTP status; `code` defaults to the status (vLLM does the same)."""
 
     status_code = 500
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, *, param: str | None = None, code: str | int | None = None) -> None:
         super().__init__(message)
@@ -49,6 +52,13 @@ class InternalServerError(APIError):
     status_code = 500
 
 
+class QueueFullError(APIError):
+    """The engine's waiting queue is at --max-waiting-requests: come back shortly."""
+
+    status_code = 503
+    headers = {"Retry-After": "1"}
+
+
 class EngineDeadError(APIError):
     """The engine core died or stopped sending heartbeats; every request answers 503 from then on."""
 
@@ -63,7 +73,7 @@ def error_body(status_code: int, message: str, param: str | None = None,
 
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error_body(error.status_code, error.message, error.param, error.code),
-                        status_code=error.status_code)
+                        status_code=error.status_code, headers=error.headers or None)
 
 
 def error_event(error: APIError) -> str:
@@ -73,6 +83,8 @@ def error_event(error: APIError) -> str:
 
 def engine_error(message: str) -> APIError:
     """Map a request the engine finished with reason "error": its own prompt problems are the client's fault."""
+    if message.startswith(QUEUE_FULL):
+        return QueueFullError(message, code="queue_full")
     if "already in use" in message:  # another frontend runs a request with the same request_id
         return BadRequestError(message, param="request_id")
     if message.startswith("invalid vllm_xargs"):  # a logits processor rejected its args (workers/logits_processors)

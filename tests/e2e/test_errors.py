@@ -1,6 +1,9 @@
 """Every bad request gets its status and the OpenAI error shape; the next normal request still succeeds."""
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -71,5 +74,29 @@ def test_api_key_is_required_when_set(tiny_models) -> None:  # noqa: ANN001
         _assert_error_shape(httpx.get(url, headers={"Authorization": "Bearer wrong"}), 401, "")
         assert httpx.get(url, headers={"Authorization": "Bearer sekret"}).status_code == 200
         assert server.openai_client().models.list().data[0].id == str(tiny_models / "llama")
+    finally:
+        assert server.stop() == []
+
+
+def test_a_full_waiting_queue_answers_503_with_retry_after(tiny_models: Path) -> None:
+    """--max-waiting-requests 1 with one request running at a time: of eight at once, the ones that find the queue
+    full get 503 + Retry-After in OpenAI's shape; the others complete whole."""
+    server = ConveyorServer(str(tiny_models / "llama"), "--served-model-name", MODEL, "--max-model-len", "512",
+                            "--kv-cache-memory", "32MiB", "--max-num-seqs", "1", "--max-waiting-requests", "1")
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            return list(await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(8))))
+
+    try:
+        responses = asyncio.run(burst())
+        refused = [response for response in responses if response.status_code == 503]
+        served = [response for response in responses if response.status_code == 200]
+        assert refused and served and len(refused) + len(served) == 8
+        for response in refused:
+            _assert_error_shape(response, 503, "--max-waiting-requests")
+            assert response.headers["retry-after"] == "1"
+        assert all(response.json()["usage"]["completion_tokens"] == 48 for response in served)
     finally:
         assert server.stop() == []

@@ -209,3 +209,18 @@ def test_stats_count_steps_and_requests() -> None:
     # Steps: prefill (samples #1), decode (samples #2, finishes), then an empty step telling the worker.
     assert (stats.num_steps, stats.num_scheduled_reqs, stats.max_reqs_in_step) == (2, 4, 2)
     assert (stats.num_running_reqs, stats.kv_cache_usage, stats.num_preemptions) == (0, 0.0, 0)
+
+
+def test_max_waiting_requests_refuses_past_the_bound() -> None:
+    """--max-waiting-requests: a request arriving while the queue holds that many is refused (the frontend
+    answers 503 with Retry-After); once the queue drains, requests are taken again."""
+    from engine_core.config import CacheConfig, SchedulerConfig
+    from engine_core.scheduler import QUEUE_FULL, Scheduler
+
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=256, max_waiting_requests=2),
+                          CacheConfig(block_size=4), num_blocks=64)
+    assert scheduler.add_request(make_request("a")) is None and scheduler.add_request(make_request("b")) is None
+    refused = scheduler.add_request(make_request("c"))
+    assert refused is not None and refused.finish_reason == "error" and refused.stop_reason.startswith(QUEUE_FULL)
+    scheduler.schedule()  # both start running: the queue is empty again
+    assert scheduler.add_request(make_request("c")) is None
