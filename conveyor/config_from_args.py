@@ -33,6 +33,7 @@ def frontend_config_from_args(args: argparse.Namespace) -> FrontendConfig:
                           allow_credentials=args.allow_credentials, enable_log_requests=args.enable_log_requests,
                           max_log_len=args.max_log_len, disable_uvicorn_access_log=args.disable_uvicorn_access_log,
                           enable_request_id_headers=args.enable_request_id_headers,
+                          max_request_body_mb=max(0.0, args.max_request_body_mb),
                           enable_force_include_usage=args.enable_force_include_usage,
                           enable_auto_tool_choice=args.enable_auto_tool_choice,
                           tool_call_parser=args.tool_call_parser,

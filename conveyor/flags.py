@@ -92,6 +92,9 @@ def _add_http_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allowed-headers", type=_json_list("--allowed-headers"), default=["*"],
                        help='CORS: request headers allowed, as a JSON list (default ["*"])')
     group.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    group.add_argument("--max-request-body-mb", type=float, default=128.0,
+                       help="answer 413 to a request body over this many MiB, before buffering it; inline base64 "
+                            "media count (0: no limit)")
     group.add_argument("--enable-request-id-headers", action="store_true",
                        help="answer every request with an X-Request-Id header (the client's own, or a new one)")
 

@@ -185,6 +185,7 @@ class FrontendConfig:
     disable_uvicorn_access_log: bool = False
     enable_request_id_headers: bool = False  # --enable-request-id-headers: X-Request-Id on every response
     enable_force_include_usage: bool = False  # --enable-force-include-usage: usage in every stream
+    max_request_body_mb: float = 128.0  # --max-request-body-mb: 413 past this (0: no limit)
     enable_auto_tool_choice: bool = False  # tool_choice "auto" parses calls out of the output (needs a parser)
     tool_call_parser: str | None = None  # --tool-call-parser: a name registered in frontend.generate.tool_parsers
     exclude_tools_when_tool_choice_none: bool = False  # tool_choice "none": keep tools out of the chat template

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -98,5 +100,27 @@ def test_a_full_waiting_queue_answers_503_with_retry_after(tiny_models: Path) ->
             _assert_error_shape(response, 503, "--max-waiting-requests")
             assert response.headers["retry-after"] == "1"
         assert all(response.json()["usage"]["completion_tokens"] == 48 for response in served)
+    finally:
+        assert server.stop() == []
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_buffered(tiny_models: Path) -> None:
+    """--max-request-body-mb 0.05 (~52 kB): a larger body is refused with 413 in OpenAI's shape, whether its
+    Content-Length says so or it arrives chunked; a normal request still succeeds."""
+    server = ConveyorServer(str(tiny_models / "llama"), "--served-model-name", MODEL, "--max-model-len", "512",
+                            "--kv-cache-memory", "32MiB", "--max-request-body-mb", "0.05")
+    big = {**GOOD_COMPLETION, "prompt": "x" * 100_000}
+
+    def chunked() -> Iterator[bytes]:
+        data = json.dumps(big).encode()
+        for start in range(0, len(data), 8192):
+            yield data[start:start + 8192]
+
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=60) as client:
+            _assert_error_shape(client.post("/v1/completions", json=big), 413, "--max-request-body-mb")
+            _assert_error_shape(client.post("/v1/completions", content=chunked(),
+                                            headers={"content-type": "application/json"}), 413, "--max-request-body-mb")
+            assert client.post("/v1/completions", json=GOOD_COMPLETION).status_code == 200
     finally:
         assert server.stop() == []
