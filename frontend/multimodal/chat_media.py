@@ -88,7 +88,8 @@ async def _prepare(ref: MediaRef, vision: VisionModel, options: MediaOptions) ->
     if ref.embeds is not None:
         if not options.enable_mm_embeds:  # checked with the messages already; kept here for every caller
             raise BadRequestError("image_embeds parts need --enable-mm-embeds", param="messages")
-        return await asyncio.to_thread(precomputed_embeddings, ref.embeds, vision)
+        features, content_hash = await asyncio.to_thread(precomputed_embeddings, ref.embeds, vision)
+        return PreparedMedia("image", features, content_hash, precomputed=True)
     try:
         sampling = (VideoSampling.from_media_io_kwargs(options.media_io_kwargs) if ref.modality == "video"
                     else None)

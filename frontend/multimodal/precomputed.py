@@ -1,5 +1,5 @@
 """Precomputed image embeddings (`image_embeds` parts, --enable-mm-embeds): decoded, checked against the model
-and hashed, as `PreparedMedia` the prompt attaches like an image whose encoder already ran."""
+and hashed; the prompt attaches them like an image whose encoder already ran."""
 from __future__ import annotations
 
 import base64
@@ -14,16 +14,14 @@ from frontend.multimodal.tensor_codec import TensorDecodeError, load_saved_tenso
 from frontend.multimodal.vision_model import ImageFeatures
 
 if TYPE_CHECKING:
-    from frontend.multimodal.chat_media import PreparedMedia
     from frontend.multimodal.vision_model import VisionModel
 
 _MAX_VALUES = 64 * 2**20  # 256 MiB of float32: far above any real image's embeddings
 
 
-def precomputed_embeddings(value: str | dict[str, str], vision: VisionModel) -> PreparedMedia:
-    """[tokens, hidden] (or [1, tokens, hidden]) embeddings; Qwen2-VL's come with their `image_grid_thw`."""
-    from frontend.multimodal.chat_media import PreparedMedia
-
+def precomputed_embeddings(value: str | dict[str, str], vision: VisionModel) -> tuple[ImageFeatures, str]:
+    """([tokens, hidden] embeddings (sent as [tokens, hidden] or [1, tokens, hidden]), content hash); Qwen2-VL's
+    come with their `image_grid_thw`."""
     encoded, grid_encoded = (value, None) if isinstance(value, str) else (value.get("image_embeds"),
                                                                           value.get("image_grid_thw"))
     if not isinstance(encoded, str):
@@ -39,8 +37,7 @@ def precomputed_embeddings(value: str | dict[str, str], vision: VisionModel) -> 
     digest = hashlib.sha256(b"image_embeds")
     digest.update(np.ascontiguousarray(embeds, dtype="<f4").tobytes())
     digest.update(repr(grid).encode())
-    return PreparedMedia("image", ImageFeatures(embeds.astype(np.float32), int(embeds.shape[0]), grid),
-                         digest.hexdigest(), precomputed=True)
+    return ImageFeatures(embeds.astype(np.float32), int(embeds.shape[0]), grid), digest.hexdigest()
 
 
 def _tensor(encoded: str, name: str) -> np.ndarray:
