@@ -14,12 +14,15 @@ cores here) outlives its engine instead: its frontends answer 503 and reconnect 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -145,6 +148,8 @@ def _start_frontends(spawn: multiprocessing.context.SpawnContext, frontend_confi
                      engine_address: str, client_indices: list[int], reconnect: bool) -> list[BaseProcess]:
     from frontend.server import run_frontend
 
+    if len(client_indices) > 1:
+        _share_metrics_between_frontends()
     frontends: list[BaseProcess] = []
     for process_index, client_index in enumerate(client_indices):
         process = spawn.Process(target=run_frontend, name=f"conveyor-frontend{process_index}",
@@ -152,6 +157,17 @@ def _start_frontends(spawn: multiprocessing.context.SpawnContext, frontend_confi
         process.start()
         frontends.append(process)
     return frontends
+
+
+def _share_metrics_between_frontends() -> None:
+    """Prometheus' multiprocess mode for the API servers about to start (they inherit the variable): each keeps its
+    counters in files under one fresh folder, and a scrape of any of them sums all (frontend/metrics.py). The
+    folder goes when this process exits."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # the operator chose a folder
+        return
+    folder = tempfile.mkdtemp(prefix="conveyor-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def _wait_for_core(core: BaseProcess, ready: Event, stop: _StopSignals) -> bool:

@@ -1,14 +1,20 @@
-"""Prometheus metrics of one frontend process (its own registry; nothing global).
+"""Prometheus metrics of the frontends (one registry per process; nothing global).
 
 Engine gauges are read at scrape time from the latest `SchedulerStats` the engine client saw (heartbeats carry
-them at least every second); request counters and latency histograms are measured here. Each metric is exposed
-as `conveyor:*` and, for dashboards built for vLLM, as the same `vllm:*` name.
+them at least every second), so every frontend shows them once per engine; request counters and latency
+histograms are measured here. Each metric is exposed as `conveyor:*` and, for dashboards built for vLLM, as the
+same `vllm:*` name.
+
+With several API servers (`--api-server-count N`) the launcher sets PROMETHEUS_MULTIPROC_DIR before starting
+them: prometheus_client then keeps each process's counters and histograms in files there, and a scrape of any
+frontend sums them over all (Prometheus' multiprocess mode, as vLLM does).
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -70,16 +76,21 @@ class FrontendMetrics:
     """Per-process metrics; `observe_finished` is called once per finished engine request."""
 
     def __init__(self, model_name: str, stats: Callable[[], list[SchedulerStats | None]]) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = CollectorRegistry()  # what a scrape renders
         self.registry.register(_EngineStatsCollector(stats, model_name))
         self._model_name = model_name
+        # Multiprocess mode: this process's values live in files the collector sums with the other frontends';
+        # registering the live objects too would count this process twice.
+        own = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            multiprocess.MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
+            own = CollectorRegistry()
 
         def counter(name: str, help_text: str, labels: tuple[str, ...] = ()) -> list[Counter]:
-            return [Counter(p + name, help_text, ["model_name", *labels], registry=self.registry)
-                    for p in _PREFIXES]
+            return [Counter(p + name, help_text, ["model_name", *labels], registry=own) for p in _PREFIXES]
 
         def histogram(name: str, help_text: str, buckets: tuple[float, ...]) -> list[Histogram]:
-            return [Histogram(p + name, help_text, ["model_name"], buckets=buckets, registry=self.registry)
+            return [Histogram(p + name, help_text, ["model_name"], buckets=buckets, registry=own)
                     for p in _PREFIXES]
 
         self._prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")

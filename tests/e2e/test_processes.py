@@ -41,6 +41,25 @@ def test_two_frontends_share_one_port_and_stop_cleanly(tiny_models: Path) -> Non
         assert server.stop() == []
 
 
+def test_metrics_of_two_frontends_are_one_view(tiny_models: Path) -> None:
+    """--api-server-count 2: after 20 requests spread over both frontends, every scrape (whichever frontend
+    answers it) counts all 20 (Prometheus' multiprocess mode), and the engine gauges appear once per engine."""
+    server = ConveyorServer(str(tiny_models / "llama"), "--api-server-count", "2", "--kv-cache-memory", "32MiB")
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=60) as client:
+            for _ in range(20):  # a fresh connection each: the kernel spreads them over both frontends
+                assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                                   headers={"connection": "close"}).status_code == 200
+        for _ in range(8):
+            metrics = server.metrics()
+            finished = sum(value for name, value in metrics.items()
+                           if name.startswith("conveyor:request_success_total{"))
+            assert finished == 20
+            assert len([name for name in metrics if name.startswith("conveyor:num_requests_running{")]) == 1
+    finally:
+        assert server.stop() == []
+
+
 def test_ctrl_c_stops_the_whole_process_tree(tiny_models: Path) -> None:
     server = ConveyorServer(str(tiny_models / "llama"), "--api-server-count", "2", "--kv-cache-memory", "32MiB")
     assert _complete(server).status_code == 200
