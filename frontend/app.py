@@ -20,6 +20,7 @@ from frontend.generate.completion import CompletionServing
 from frontend.generate.responses import router as responses_router
 from frontend.generate.responses.serving import ResponsesServing
 from frontend.http_middleware import install_middleware
+from frontend.openapi_doc import document_errors
 from frontend.pooling import router as pooling_router
 from frontend.pooling.classification import ClassificationServing
 from frontend.pooling.embedding import EmbeddingServing
@@ -68,6 +69,7 @@ def create_app(model_config: ModelConfig, frontend_config: FrontendConfig, engin
     app.include_router(pooling_router.router)
     app.include_router(metrics.router)
     install_middleware(app, frontend_config, state.api_keys)
+    document_errors(app)
     if state.api_keys.required:
         logger.info("API key required on every route but /health, /version, /openapi.json%s",
                     "" if frontend_config.metrics_require_api_key else " and /metrics")
