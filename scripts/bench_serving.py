@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark OpenAI-compatible servers on /v1/completions with streaming (or /v1/embeddings), side by side.
 
-`--mode embeddings` measures sentences/s on /v1/embeddings instead (see scripts/bench_embeddings.py), and
-`--mode transcriptions` the real-time factor on /v1/audio/transcriptions (see scripts/bench_speech.py).
+`--mode embeddings` measures sentences/s on /v1/embeddings instead (see scripts/bench_embeddings.py),
+`--mode transcriptions` the real-time factor on /v1/audio/transcriptions (see scripts/bench_speech.py), and
+`--mode multimodal` streamed chat completions with one image each, with these same columns and an optional
+transformers generate() baseline (see scripts/bench_multimodal.py).
 
     python scripts/bench_serving.py --tokenizer $PEERS_DIR/smollm2-hf \\
         --target conveyor=http://127.0.0.1:8100 --target vllm=http://127.0.0.1:8200 \\
@@ -35,12 +37,18 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_client import PromptSpec, RequestResult, Target, TargetSession, open_session, send_request, warm_up
+from bench_client import PromptSpec, RequestResult, Target, TargetSession, open_session, send_request
+
+# How one request is sent and timed: bench_client.send_request (completions) or bench_multimodal.send_chat.
+Sender = Callable[[httpx.AsyncClient, TargetSession, Any, float], Awaitable[RequestResult]]
+# An in-process baseline: (a level's specs, concurrency, progress callback) -> (results, duration_s).
+Baseline = Callable[[list[Any], int, Callable[[int], None]], tuple[list[RequestResult], float]]
 
 
 # ----------------------------------------------------------------------------- workload
@@ -109,8 +117,8 @@ class Progress:
         self.start = time.perf_counter()
         self._draw()
 
-    def advance(self) -> None:
-        self.done += 1
+    def advance(self, count: int = 1) -> None:
+        self.done += count
         self._draw()
 
     def close(self) -> None:
@@ -125,14 +133,15 @@ class Progress:
             sys.stderr.flush()
 
 
-async def run_level(client: httpx.AsyncClient, session: TargetSession, specs: list[PromptSpec],
-                    concurrency: int, temperature: float, show_progress: bool) -> dict[str, Any]:
+async def run_level(client: httpx.AsyncClient, session: TargetSession, specs: list[Any],
+                    concurrency: int, temperature: float, show_progress: bool,
+                    send: Sender = send_request) -> dict[str, Any]:
     semaphore = asyncio.Semaphore(concurrency)
     progress = Progress(f"{session.target.name} c={concurrency}", len(specs), show_progress)
 
-    async def one(spec: PromptSpec) -> RequestResult:
+    async def one(spec: Any) -> RequestResult:
         async with semaphore:
-            result = await send_request(client, session, spec, temperature)
+            result = await send(client, session, spec, temperature)
         progress.advance()
         return result
 
@@ -142,6 +151,17 @@ async def run_level(client: httpx.AsyncClient, session: TargetSession, specs: li
     duration_s = time.perf_counter() - start
     progress.close()
     # The machine's 1-minute load average around the level: a noisy neighbour shows up here.
+    return {**summarize(session, concurrency, results, duration_s),
+            "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+async def run_baseline_level(session: TargetSession, baseline: Baseline, specs: list[Any], concurrency: int,
+                             show_progress: bool) -> dict[str, Any]:
+    """An in-process baseline's level (on a thread, so the event loop stays free), summarized as a server's."""
+    progress = Progress(f"{session.target.name} c={concurrency}", len(specs), show_progress)
+    load_before = os.getloadavg()[0]
+    results, duration_s = await asyncio.to_thread(baseline, specs, concurrency, progress.advance)
+    progress.close()
     return {**summarize(session, concurrency, results, duration_s),
             "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
@@ -181,7 +201,9 @@ def summarize(session: TargetSession, concurrency: int, results: list[RequestRes
 # ----------------------------------------------------------------------------- all levels, all targets
 
 
-async def run_benchmark(args: argparse.Namespace, workloads: dict[int, list[PromptSpec]]) -> list[dict[str, Any]]:
+async def run_benchmark(args: argparse.Namespace, workloads: dict[int, list[Any]], send: Sender = send_request,
+                        baseline: tuple[TargetSession, Baseline] | None = None) -> list[dict[str, Any]]:
+    """Every level, every target (and the in-process `baseline`, when given) in a rotated order per level."""
     # Idle connections expire before the servers' own keep-alive timeouts (llama.cpp: 5 s), so a
     # request never goes out on a socket the server is closing.
     limits = httpx.Limits(max_connections=max(args.concurrency) + 4,
@@ -191,15 +213,26 @@ async def run_benchmark(args: argparse.Namespace, workloads: dict[int, list[Prom
         sessions = [await open_session(client, t, args.model, args.ignore_eos) for t in args.target]
         if not args.no_warmup:
             first_spec = workloads[args.concurrency[0]][0]
+            short = replace(first_spec, max_tokens=max(2, min(first_spec.max_tokens, 16)))
             for session in sessions:
-                await warm_up(client, session, first_spec, args.temperature)
+                result = await send(client, session, short, args.temperature)
+                if not result.ok:
+                    raise SystemExit(f"warm-up request to {session.target.name} failed: {result.error}")
+            if baseline is not None:
+                baseline[1]([short], 1, lambda _: None)
+        everyone = sessions + ([baseline[0]] if baseline else [])
         results = []
         for level_index, concurrency in enumerate(args.concurrency):
-            rotation = level_index % len(sessions)
-            for session in sessions[rotation:] + sessions[:rotation]:
-                results.append(await run_level(client, session, workloads[concurrency], concurrency,
-                                               args.temperature, not args.no_progress))
+            rotation = level_index % len(everyone)
+            for session in everyone[rotation:] + everyone[:rotation]:
+                specs, progress = workloads[concurrency], not args.no_progress
+                if baseline is not None and session is baseline[0]:
+                    results.append(await run_baseline_level(session, baseline[1], specs, concurrency, progress))
+                else:
+                    results.append(await run_level(client, session, specs, concurrency, args.temperature,
+                                                   progress, send))
     order = {t.name: i for i, t in enumerate(args.target)}
+    order.update({baseline[0].target.name: len(order)} if baseline else {})
     return sorted(results, key=lambda r: (r["concurrency"], order[r["target"]]))
 
 
@@ -228,13 +261,17 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["completions", "embeddings", "transcriptions"], default="completions")
+    p.add_argument("--mode", choices=["completions", "embeddings", "transcriptions", "multimodal"],
+                   default="completions")
+    p.add_argument("--image-size", type=int, default=224, help="multimodal: side of each random square PNG")
+    p.add_argument("--same-image", action="store_true", help="multimodal: one image for every request")
     p.add_argument("--audio", nargs="+", default=[], help="transcriptions: the clips to upload (cycled)")
     p.add_argument("--num-requests", type=int, default=32, help="transcriptions: uploads per level")
     p.add_argument("--num-sentences", type=int, default=512, help="embeddings: sentences per level")
     p.add_argument("--in-process", metavar="MODEL_DIR",
                    help="embeddings: add sentence-transformers encode() on this folder as an in-process baseline; "
-                        "transcriptions: transformers generate() on this Hugging Face Whisper folder")
+                        "transcriptions: transformers generate() on this Hugging Face Whisper folder; "
+                        "multimodal: transformers generate() on this LLaVA / Qwen2-VL folder")
     p.add_argument("--target", action="append", type=parse_target, default=[], metavar="NAME=BASE_URL",
                    help="a server to benchmark (repeatable); BASE_URL like http://127.0.0.1:8000")
     p.add_argument("--base-url", help="shorthand for a single --target NAME=BASE_URL named 'server'")
@@ -262,7 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return args
     if args.base_url:
         args.target.append(parse_target(f"server={args.base_url}"))
-    if not args.target:
+    if not args.target and not (args.mode == "multimodal" and args.in_process):
         p.error("give at least one --target NAME=BASE_URL (or --base-url)")
     if len({t.name for t in args.target}) != len(args.target):
         p.error("target names must be unique")
@@ -319,8 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         return _main_embeddings(args, started_at)
     if args.mode == "transcriptions":
         return _main_transcriptions(args, started_at)
-    workloads = build_workloads(args)
-    results = asyncio.run(run_benchmark(args, workloads))
+    if args.mode == "multimodal":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_multimodal import multimodal_parts
+        results = asyncio.run(run_benchmark(args, *multimodal_parts(args)))
+    else:
+        results = asyncio.run(run_benchmark(args, build_workloads(args)))
     config = {k: v for k, v in vars(args).items() if k not in ("target", "base_url", "combine")}
     config["targets"] = [asdict(t) for t in args.target]
     config["started_at"] = started_at
