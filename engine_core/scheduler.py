@@ -11,6 +11,8 @@ preemption are the same thing: "run the next min(remaining, budget) tokens". A s
     the rest of the prompt up to the budget; stop at the first that does not fit (no overtaking)
  3. build the diff-only SchedulerOutput: NewRequestData once per (re)start, CachedRequestData afterwards
 ```
+Disaggregated prefill/decode's states (prefills held for a pull, prompts being loaded) are in
+`engine_core.kv_loading`; media items' encoder budget and cache in `engine_core.encoder_cache`.
 """
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ from collections.abc import Iterable
 from engine_core.config import CacheConfig, SchedulerConfig
 from engine_core.encoder_cache import EncoderCache, EncoderStepBudget
 from engine_core.kv_cache import KVCacheBlock, KVCacheManager
+from engine_core.kv_loading import RemoteKVMixin
 from engine_core.kv_transfer import KVConnectorScheduler
 from engine_core.protocol import (
     EngineCoreOutput,
     EngineCoreRequest,
-    KVConnectorOutput,
     ModelRunnerOutput,
     MultiModalItem,
     PoolingOutput,
@@ -44,7 +46,7 @@ QUEUE_FULL = "the engine's waiting queue is full"  # frontend.errors answers it 
 _NO_POOLING_OUTPUT = "the worker returned no pooled result for a pooling request whose prompt was computed"
 
 
-class Scheduler:
+class Scheduler(RemoteKVMixin):
     """Continuous batching over a paged KV cache with prefix caching, chunked prefill and preemption."""
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
@@ -100,28 +102,6 @@ class Scheduler:
         """Something to schedule, or news the workers must hear now."""
         pending_metadata = self.kv_connector is not None and self.kv_connector.has_pending_metadata()
         return bool(self.running or self.waiting or self._finished_ids_for_workers) or pending_metadata
-
-    def transfer_poll_interval(self) -> float | None:
-        """How soon to ask the workers again about KV transfers in flight (they report with each step's answer);
-        None when none are in flight."""
-        if self.loading or self._abandoned_loads:
-            return 0.005
-        if self.kv_connector is not None and self.kv_connector.held:
-            return 0.05
-        return None
-
-    def expire_kv_leases(self, now: float) -> None:
-        """Free the blocks of prefills nobody pulled within their lease."""
-        if self.kv_connector is not None and self.kv_connector.held:
-            for request in self.kv_connector.expired(now):
-                self.kv_cache.free(request)
-
-    def _hold_for_transfer(self, request: Request, status: RequestStatus) -> bool:
-        """A prefill that ended normally and that a decode instance will continue keeps its blocks."""
-        if self.kv_connector is None or status not in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
-            return False
-        request.kv_transfer_params_out = self.kv_connector.request_finished(request)
-        return request.kv_transfer_params_out is not None
 
     def _validate(self, req: EngineCoreRequest) -> str | None:
         num_prompt_tokens = len(req.prompt_token_ids)
@@ -251,57 +231,6 @@ class Scheduler:
         plan.add(request, num_new_tokens, new_block_ids)
         return True
 
-    def _start_loading(self, request: Request, computed_blocks: list[KVCacheBlock], num_cached_tokens: int,
-                       num_external_tokens: int) -> bool:
-        """Allocate blocks for the prompt KV another instance holds and have the workers fetch it. Takes no
-        token budget: the request computes nothing until the KV has arrived."""
-        assert self.kv_connector is not None
-        if self.kv_cache.allocate_slots(request, num_external_tokens, computed_blocks) is None:
-            return False
-        started = self.waiting.pop()
-        assert started is request, (started, request)
-        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
-        request.num_computed_tokens = num_cached_tokens
-        request.num_cached_tokens = num_cached_tokens
-        self.kv_connector.start_load(request, num_local_blocks=len(computed_blocks))
-        self.loading[request.request_id] = request
-        return True
-
-    def _finish_loads(self, kv_output: KVConnectorOutput) -> list[Request]:
-        """Loaded requests join the running batch from their last prompt token (recomputed for its logits);
-        failed ones follow the kv_load_failure_policy. Returns the requests that failed for good."""
-        for request_id in [*kv_output.finished_recving, *kv_output.failed_recving]:
-            if (abandoned := self._abandoned_loads.pop(request_id, None)) is not None:
-                self.kv_cache.free(abandoned)
-        failed = []
-        for request_id in kv_output.finished_recving:
-            if (request := self.loading.pop(request_id, None)) is not None:
-                assert self.kv_connector is not None
-                # Only what the producer had: its last block may be partial and the prompt may go on past it.
-                num_loaded = self.kv_connector.num_remote_tokens(request)
-                num_usable = min(num_loaded, request.num_tokens - 1)  # the last token runs here for its logits
-                self._prompt_tokens_transferred += num_usable - request.num_computed_tokens
-                request.num_computed_tokens = num_usable
-                request.status = RequestStatus.RUNNING
-                self.running.append(request)
-        for request_id, reason in kv_output.failed_recving.items():
-            if (request := self.loading.pop(request_id, None)) is not None:
-                self._num_kv_transfers_failed += 1
-                self.kv_cache.free(request)
-                if self.kv_load_failure_policy == "fail":
-                    request.status, request.stop_reason = (RequestStatus.FINISHED_ERROR,
-                                                           f"KV transfer from the prefill instance failed: {reason}")
-                    del self.requests[request_id]
-                    failed.append(request)
-                else:  # recompute: forget the transfer and compute the prompt here, first in line
-                    logger.warning("request %s: loading its KV failed (%s); computing the prompt here",
-                                   request_id, reason)
-                    request.kv_transfer_params = None
-                    request.num_computed_tokens = 0
-                    request.status = RequestStatus.PREEMPTED
-                    self.waiting.add_preempted(request)
-        return failed
-
     def _allocate_for_waiting(self, request: Request, num_new_tokens: int,
                               computed_blocks: list[KVCacheBlock], plan: StepPlan) -> list[int] | None:
         """Allocate for a waiting request; under the priority policy it may preempt lower-priority runners."""
@@ -407,15 +336,6 @@ class Scheduler:
             return request.make_output([])
         self._finish(request, RequestStatus.FINISHED_STOPPED)
         return request.make_output([], pooling_output=result)
-
-    def _apply_kv_connector_output(self, kv_output: KVConnectorOutput | None,
-                                   outputs: dict[int, list[EngineCoreOutput]]) -> None:
-        if kv_output is None or self.kv_connector is None:
-            return
-        for request in self.kv_connector.take_sent(kv_output):
-            self.kv_cache.free(request)
-        for request in self._finish_loads(kv_output):
-            outputs[request.client_index].append(request.make_output([]))
 
     def _append_sampled(self, request: Request, token_ids: list[int],
                         logprobs: list[TokenLogprobs] | None) -> EngineCoreOutput:
