@@ -165,3 +165,23 @@ def test_naive_server_baseline(tiny_models: Path, tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_multimodal_mode_against_conveyor_and_generate(tiny_models: Path, tmp_path: Path) -> None:
+    """--mode multimodal: chat requests with one image each to a real server on the tiny LLaVA, beside the
+    in-process transformers generate() baseline on the same folder; both count the same prompt tokens."""
+    from tests.server_harness import ConveyorServer
+
+    server = ConveyorServer(str(tiny_models / "llava"), "--max-model-len", "512", "--kv-cache-memory", "32MiB")
+    try:
+        result = run_bench(tmp_path, "--mode", "multimodal", "--target", f"conveyor={server.base_url}",
+                           "--in-process", str(tiny_models / "llava"), "--image-size", "64", "--output-len", "4",
+                           "--concurrency", "1", "2", "--num-prompts", "4", timeout=300)
+    finally:
+        assert server.stop() == []
+    targets = {level["target"] for level in result["results"]}
+    assert len(targets) == 2 and "conveyor" in targets
+    for level in result["results"]:
+        check_level(level, num_prompts=4, output_len=4)
+    prompt_tokens = {level["target"]: level["total_input_tokens"] for level in result["results"]}
+    assert len(set(prompt_tokens.values())) == 1  # the image's 16 tokens counted alike
