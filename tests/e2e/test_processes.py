@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.streams import open_streams
+from tests.e2e.streams import open_streams, still_open
 from tests.server_harness import ConveyorServer, session_pids
 
 
@@ -77,7 +77,7 @@ def test_dead_engine_fails_open_streams_and_ends_the_server(tiny_models: Path, v
     server = ConveyorServer(str(tiny_models / "llama"), "--api-server-count", "2", "--kv-cache-memory", "32MiB",
                             "--max-model-len", "2048", *args)
     try:
-        streams = open_streams(server, 6, max_tokens=2000)
+        streams = still_open(open_streams(server, 6, max_tokens=2000), at_least=3)
         killed_at = time.monotonic()
         os.kill(_pids_named(server, victim)[0], signal.SIGKILL)
         for stream in streams:

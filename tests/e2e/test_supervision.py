@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.streams import open_streams
+from tests.e2e.streams import open_streams, still_open
 from tests.server_harness import ConveyorServer, free_port, session_pids
 
 SMALL = ("--kv-cache-memory", "64MiB", "--max-model-len", "2048")
@@ -66,7 +66,7 @@ def test_shutdown_timeout_aborts_long_streams_with_an_error(tiny_models: Path) -
     server = ConveyorServer(str(tiny_models / "llama"), "--api-server-count", "2", "--shutdown-timeout", "1",
                             *SMALL)
     try:
-        streams = open_streams(server, 4, max_tokens=2000)
+        streams = still_open(open_streams(server, 4, max_tokens=2000), at_least=2)
         signalled_at = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         for stream in streams:
