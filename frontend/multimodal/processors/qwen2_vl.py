@@ -121,13 +121,7 @@ class Qwen2VLImageProcessor:
         """
         if not mm_processor_kwargs:
             return self
-        unknown = set(mm_processor_kwargs) - OVERRIDABLE_KEYS
-        if unknown:
-            raise ValueError(f"unsupported mm_processor_kwargs {sorted(unknown)}; "
-                             f"this model accepts {sorted(OVERRIDABLE_KEYS)}")
-        min_pixels, max_pixels = pixel_bounds(mm_processor_kwargs, self.min_pixels, self.max_pixels)
-        if max(min_pixels, max_pixels) > self.max_pixels:
-            raise ValueError(f"min_pixels and max_pixels may not exceed the model's max_pixels {self.max_pixels}")
+        min_pixels, max_pixels = overridden_bounds(mm_processor_kwargs, self.min_pixels, self.max_pixels)
         return replace(self, min_pixels=min_pixels, max_pixels=max_pixels)
 
     @property
@@ -170,6 +164,20 @@ class Qwen2VLImageProcessor:
         apply_pixel_table(self._table, patches.transpose(1, 0, 2, 3), out[:, :, 0].transpose(1, 0, 2, 3))
         out[:, :, 1:] = out[:, :, :1]  # a still image repeats itself over the temporal patch
         return out.reshape(grid_h * grid_w, NUM_CHANNELS * t * p * p), grid_h, grid_w
+
+
+def overridden_bounds(mm_processor_kwargs: Mapping[str, Any], min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(min_pixels, max_pixels) after a request's overrides; ValueError for unknown keys or a bound above the
+    model's `max_pixels` (a request may ask for fewer pixels, never more: an upscale to a client-chosen size is an
+    easy way to exhaust memory)."""
+    unknown = set(mm_processor_kwargs) - OVERRIDABLE_KEYS
+    if unknown:
+        raise ValueError(f"unsupported mm_processor_kwargs {sorted(unknown)}; "
+                         f"this model accepts {sorted(OVERRIDABLE_KEYS)}")
+    new_min, new_max = pixel_bounds(mm_processor_kwargs, min_pixels, max_pixels)
+    if max(new_min, new_max) > max_pixels:
+        raise ValueError(f"min_pixels and max_pixels may not exceed the model's max_pixels {max_pixels}")
+    return new_min, new_max
 
 
 def pixel_bounds(source: Mapping[str, Any], min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -40,7 +40,7 @@ from frontend.multimodal.processors.pixels import (
     parse_channel_values,
     parse_resample,
 )
-from frontend.multimodal.processors.qwen2_vl import OVERRIDABLE_KEYS, pixel_bounds, smart_resize
+from frontend.multimodal.processors.qwen2_vl import overridden_bounds, pixel_bounds, smart_resize
 from frontend.multimodal.processors.tensor_resize import resize_frames
 
 VIDEO_MIN_PIXELS: Final = 128 * 28 * 28
@@ -121,13 +121,7 @@ class Qwen2VLVideoProcessor:
         processor's `max_pixels` (a request may ask for fewer pixels per frame, never more)."""
         if not mm_processor_kwargs:
             return self
-        unknown = set(mm_processor_kwargs) - OVERRIDABLE_KEYS
-        if unknown:
-            raise ValueError(f"unsupported mm_processor_kwargs {sorted(unknown)}; "
-                             f"this model accepts {sorted(OVERRIDABLE_KEYS)}")
-        min_pixels, max_pixels = pixel_bounds(mm_processor_kwargs, self.min_pixels, self.max_pixels)
-        if max(min_pixels, max_pixels) > self.max_pixels:
-            raise ValueError(f"min_pixels and max_pixels may not exceed the model's max_pixels {self.max_pixels}")
+        min_pixels, max_pixels = overridden_bounds(mm_processor_kwargs, self.min_pixels, self.max_pixels)
         return replace(self, min_pixels=min_pixels, max_pixels=max_pixels)
 
     @property
