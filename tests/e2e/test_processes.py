@@ -83,8 +83,12 @@ def test_dead_engine_fails_open_streams_and_ends_the_server(tiny_models: Path, v
         for stream in streams:
             stream.join(timeout=30)
         for stream in streams:
-            assert stream.error is not None, (stream.chunks, stream.exception, server.log_tail())
+            # With -dp 2 the other engine lives on: a stream it serves may reach its last token before the
+            # frontends hear of the death, and ends whole instead.
+            ended_whole = "-dp" in args and stream.finished_whole
+            assert stream.error is not None or ended_whole, (stream.chunks, stream.exception, server.log_tail())
             assert stream.ended_at - killed_at < 5.0, stream.ended_at - killed_at
+        assert any(stream.error is not None for stream in streams)
         server.process.wait(timeout=max(0.1, 10.0 - (time.monotonic() - killed_at)))
         assert server.process.returncode not in (0, None)
         assert "stopping the server (exit code 1)" in server.log_tail(200)
