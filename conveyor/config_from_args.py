@@ -109,7 +109,7 @@ def _model_config(args: argparse.Namespace, device: str) -> tuple[ModelConfig, b
             args.model or args.model_flag, served_model_name=(args.served_model_name or [None])[0],
             tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
             generation_config=args.generation_config, chat_template=args.chat_template, device=device,
-            runner=runner, convert=convert,
+            runner=runner, convert=convert, quantization=args.quantization,
             pooler_overrides=(parse_json_object(args.pooler_config, "--pooler-config")
                               if args.pooler_config else None),
             score_template=args.score_template)

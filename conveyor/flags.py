@@ -147,6 +147,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chat-template", default=None, help="a Jinja2 template file or the template itself")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float", "bfloat16", "bf16",
                                                            "float16", "half", "fp16"])
+    group.add_argument("--quantization", "-q", default=None, choices=["auto", "gguf", "int8", "int4", "none"],
+                       help="weights kept quantized in memory and run through weight-only quantized matmuls with "
+                            "--dtype activations: 'gguf' (the default for a .gguf file: its Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/"
+                            "Q6_K tensors stay quantized), 'int8' (per output channel) or 'int4' (groups of 32) of a "
+                            "float checkpoint at load time (Conveyor's names), 'none' (float weights; a GGUF is "
+                            "dequantized at load)")
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--generation-config", default="auto",

@@ -51,8 +51,8 @@ def resolve_model_config(model: str | None, served_model_name: str | None = None
                          dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
                          generation_config: str = "auto", chat_template: str | None = None,
                          device: str = "cpu", runner: str = "auto", convert: str = "auto",
-                         pooler_overrides: dict[str, Any] | None = None,
-                         score_template: str | None = None) -> tuple[ModelConfig, ServingMode]:
+                         pooler_overrides: dict[str, Any] | None = None, score_template: str | None = None,
+                         quantization: str | None = None) -> tuple[ModelConfig, ServingMode]:
     """Read what every process needs to know about the model, without loading weights; the serving mode says
     whether it generates or pools (and how)."""
     path = model or default_model_path()
@@ -83,6 +83,7 @@ def resolve_model_config(model: str | None, served_model_name: str | None = None
         tokenizer_dir=tokenizer_dir,
         architecture=facts.architecture,
         dtype=_resolve_dtype(dtype, facts.dtype, device),
+        quantization=_resolve_quantization(quantization, path),
         max_model_len=max_model_len or default_len,
         seed=seed,
         eos_token_ids=facts.eos_token_ids or _tokenizer_eos_ids(tokenizer_dir),
@@ -90,6 +91,19 @@ def resolve_model_config(model: str | None, served_model_name: str | None = None
         chat_template=chat_template,
     ), mode
 
+
+
+def _resolve_quantization(requested: str | None, path: str) -> str:
+    """`auto`/unset: a GGUF file runs quantized ("gguf"), a float folder in float ("none")."""
+    is_gguf = path.endswith(".gguf")
+    if requested in (None, "auto"):
+        return "gguf" if is_gguf else "none"
+    if requested == "gguf" and not is_gguf:
+        raise ModelNotFoundError(f"--quantization gguf needs a .gguf file, not {path!r}")
+    if requested in ("int8", "int4") and is_gguf:
+        raise ModelNotFoundError(f"--quantization {requested} quantizes a float checkpoint; {Path(path).name} is "
+                                 "already quantized (serve it as it is, or with --quantization none)")
+    return requested
 
 
 def _resolve_dtype(requested: str, checkpoint_dtype: str, device: str) -> str:

@@ -48,7 +48,8 @@ class ModelConfig:
     served_model_name: str
     tokenizer_dir: str  # folder with tokenizer.json / tokenizer_config.json (made from GGUF metadata if needed)
     architecture: str  # e.g. "LlamaForCausalLM"
-    dtype: str = "float32"  # resolved: float32 | bfloat16 | float16
+    dtype: str = "float32"  # resolved: float32 | bfloat16 | float16 (the activations' type)
+    quantization: str = "none"  # resolved --quantization: none | gguf | int8 | int4 (workers/layers/quantized.py)
     max_model_len: int = 2048
     seed: int = 0
     eos_token_ids: tuple[int, ...] = ()

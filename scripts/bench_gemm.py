@@ -50,10 +50,10 @@ def _onednn_call(x: Any, packed: list[Any], layer: int) -> object:
     return torch.ops.mkldnn._linear_pointwise(x, packed[layer], None, "none", [], "")
 
 
-def _blocked_call(x: Any, blocks: list[Any], out_features: int, layer: int) -> object:
-    from workers.kernels import cpu as cpu_kernels
+def _blocked_call(x: Any, blocked: list[Any], layer: int) -> object:
+    from workers.layers import cpu_gemm
 
-    return cpu_kernels.blocked_linear(x, blocks[layer], out_features, None)
+    return cpu_gemm.packed_linear(x, blocked[layer], None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch.nn.functional as F
 
     from workers.kernels import cpu as cpu_kernels
+    from workers.layers import cpu_gemm
 
     torch.set_num_threads(args.threads)
     if cpu_kernels.library() is None or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
@@ -74,13 +75,13 @@ def main(argv: list[str] | None = None) -> None:
         out_features, in_features = map(int, shape.split("x"))
         weights = [torch.randn(out_features, in_features) * 0.02 for _ in range(args.layers)]
         onednn = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
-        blocked = [cpu_kernels.block_weight(w) for w in weights]
+        blocked = [cpu_gemm.BlockedWeight.of(cpu_kernels.block_weight(w), out_features) for w in weights]
         for rows in args.rows:
             x = torch.randn(rows, in_features)
-            ours = cpu_kernels.blocked_linear(x, blocked[0], out_features, None)
+            ours = cpu_gemm.packed_linear(x, blocked[0], None)
             torch.testing.assert_close(ours, F.linear(x, weights[0]), rtol=1e-4, atol=1e-4)
             onednn_ms = _mean_ms(functools.partial(_onednn_call, x, onednn), args.layers, rows)
-            blocked_ms = _mean_ms(functools.partial(_blocked_call, x, blocked, out_features), args.layers, rows)
+            blocked_ms = _mean_ms(functools.partial(_blocked_call, x, blocked), args.layers, rows)
             lines.append(f"| {shape} | {rows} | {onednn_ms:.3f} | {blocked_ms:.3f} | {onednn_ms / blocked_ms:.2f}x |")
             print(f"[bench_gemm] {shape} x {rows} rows done", file=sys.stderr, flush=True)
     table = "\n".join(lines)

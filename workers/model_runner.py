@@ -108,7 +108,7 @@ class ModelRunner:
             logger.warning("--dtype %s on a CPU without AVX512-BF16 or AMX: it works, but runs slower than float32 "
                            "here (serve with --dtype float32 on this machine)", model_config.dtype)
         self.model = build_model(self.hf_config, model_config.model, self.dtype, device, tp_rank, tp_size,
-                                 model_config.runner, model_config.convert)
+                                 model_config.runner, model_config.convert, model_config.quantization)
         self.is_pooling = model_config.runner == "pooling"
         self.pooler_config = model_config.pooler or PoolerConfig()
         self.uses_kv_cache = bool(getattr(self.model, "uses_kv_cache", True))

@@ -102,10 +102,25 @@ def _start_runner(model_config: ModelConfig, cache_config: CacheConfig, parallel
                                              rank=rank, world_size=parallel_config.tensor_parallel_size)
         tensor_parallel.init(rank, parallel_config.tensor_parallel_size, device)
     torch.manual_seed(model_config.seed)
-    logger.info("loading %s on %s (dtype %s, %d threads)", model_config.model, device, model_config.dtype,
-                torch.get_num_threads())
-    return ModelRunner(model_config, cache_config, device, tp_rank=rank,
-                       tp_size=parallel_config.tensor_parallel_size)
+    logger.info("loading %s on %s (dtype %s, quantization %s, %d threads)", model_config.model, device,
+                model_config.dtype, model_config.quantization, torch.get_num_threads())
+    runner = ModelRunner(model_config, cache_config, device, tp_rank=rank, tp_size=parallel_config.tensor_parallel_size)
+    logger.info("worker %d: model loaded, resident memory %.0f MiB (before the KV cache)", rank,
+                resident_bytes() / 2**20)
+    return runner
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux; elsewhere its peak)."""
+    try:
+        for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115 (one short read)
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _choose_device(requested: str, index: int) -> torch.device:

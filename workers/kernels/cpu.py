@@ -28,7 +28,9 @@ import torch
 logger = logging.getLogger("conveyor.kernels")
 
 DISABLE_ENV = "CONVEYOR_CPU_KERNELS"  # "0" keeps every layer on plain torch ops
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "decoder_stack.cpp", "shm_collectives.cpp")]
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("cpu_kernels.cpp", "quant_gemm.cpp", "decoder_stack.cpp", "shm_collectives.cpp")]
+_HEADERS = [Path(__file__).with_name("blocked_tiles.h")]  # part of the cache key, not compiled on their own
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
 _BUILD_TIMEOUT_S = 300
 
@@ -43,6 +45,8 @@ _SIGNATURES = {
     "paged_decode_attention_f32": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F],
     "paged_decode_attention_bf16": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F],
     "blocked_linear_f32": [_P, _P, _P, _P, _I, _I, _I, _I],
+    "packed_linear_f32": [_P, _P, _P, _P, _I, _I, _I, _I],
+    "dequantize_packed_f32": [_P, _P, _I, _I],
     "llama_decode_stack_f32": [_P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F, _P],
     "shm_all_reduce_f32": [_P, _I, _I, _I, _I, _P, _I],
     "shm_all_gather": [_P, _I, _I, _I, _I, _P, _P, _I],
@@ -66,7 +70,7 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    sources = [source.read_text() for source in _SOURCES]
+    sources = [source.read_text() for source in (*_SOURCES, *_HEADERS)]
     key = hashlib.sha256("\n".join([*sources, version, " ".join(_FLAGS), _cpu_flags()]).encode())
     target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -199,14 +203,22 @@ def block_weight(weight: torch.Tensor) -> torch.Tensor:
     return blocked.view(-1, BLOCK_COLUMNS, in_features).transpose(1, 2).contiguous()
 
 
-def blocked_linear(x: torch.Tensor, blocks: torch.Tensor, out_features: int,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] (rows may be strided) times a `block_weight` matrix (+ bias) -> [M, out_features]."""
+def packed_linear(x: torch.Tensor, descriptor: torch.Tensor, out_features: int,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (rows may be strided) times a packed weight (+ bias) -> [M, out_features]. `descriptor`: quant_gemm.cpp's
+    int64 weight table (float32 blocks from `block_weight`, or a quantized weight of workers/layers/quantized.py)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows, in_features = x.shape
-    assert blocks.is_contiguous() and blocks.shape[1] == in_features and (bias is None or bias.is_contiguous())
+    assert descriptor.dtype == torch.int64 and (bias is None or bias.is_contiguous())
     out = torch.empty(rows, out_features, dtype=torch.float32)
-    _lib().blocked_linear_f32(out.data_ptr(), x.data_ptr(), blocks.data_ptr(), None if bias is None else bias.data_ptr(),
-                              rows, out_features, in_features, x.stride(0))
+    _lib().packed_linear_f32(out.data_ptr(), x.data_ptr(), descriptor.data_ptr(),
+                             None if bias is None else bias.data_ptr(), rows, out_features, in_features, x.stride(0))
+    return out
+
+
+def dequantize_packed(descriptor: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The packed weight's values as the GEMM multiplies them, [out_features, in_features] float32."""
+    out = torch.empty(out_features, in_features, dtype=torch.float32)
+    _lib().dequantize_packed_f32(out.data_ptr(), descriptor.data_ptr(), out_features, in_features)
     return out

@@ -28,15 +28,16 @@ void paged_decode_attention_bf16(float* out, const float* q, const uint16_t* k_c
                                  const int64_t* block_tables, const int64_t* seq_lens, int64_t seqs, int64_t num_heads,
                                  int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
                                  int64_t q_stride, float scale);
-void blocked_linear_f32(float* y, const float* x, const float* w, const float* bias, int64_t M, int64_t N, int64_t K,
-                        int64_t x_stride);
+void packed_linear_f32(float* y, const float* x, const int64_t* weight, const float* bias, int64_t M, int64_t N,
+                       int64_t K, int64_t x_stride);
 int64_t shm_all_reduce_f32(char* segment, int64_t world, int64_t rank, int64_t slot_bytes, int64_t sequence,
                            float* data, int64_t count);
 }
 
 namespace {
 
-// One row of the layer table (int64 addresses, 0 for an absent bias); the order is workers/models/llama_decode.py's.
+// One row of the layer table (int64 addresses, 0 for an absent bias; a projection's is its weight table, see
+// quant_gemm.cpp); the order is workers/models/llama_decode.py's.
 enum LayerSlot : int64_t {
   kInputNorm, kQkv, kQkvBias, kO, kOBias, kPostNorm, kGateUp, kGateUpBias, kDown, kDownBias, kKCache, kVCache,
   kLayerSlots
@@ -100,7 +101,7 @@ int64_t llama_decode_stack_f32(float* hidden, float* residual, float* scratch, c
     else
       fused_add_rms_norm_f32(hidden, residual, at<const float>(layer, kInputNorm), tokens, hidden_size, eps);
 
-    blocked_linear_f32(qkv, hidden, at<const float>(layer, kQkv), at<const float>(layer, kQkvBias), tokens, qkv_size,
+    packed_linear_f32(qkv, hidden, at<const int64_t>(layer, kQkv), at<const float>(layer, kQkvBias), tokens, qkv_size,
                        hidden_size, hidden_size);
     float *q = qkv, *k = qkv + q_size, *v = k + kv_size;
     rotary_neox_f32(q, k, positions, cos_sin, tokens, heads, kv_heads, head_dim, qkv_size, qkv_size);
@@ -115,15 +116,15 @@ int64_t llama_decode_stack_f32(float* hidden, float* residual, float* scratch, c
       paged_decode_attention_f32(attention, q, k_cache, v_cache, block_tables, seq_lens, tokens, heads, kv_heads,
                                  head_dim, dims[kBlockSize], dims[kMaxBlocks], qkv_size, scale);
     }
-    blocked_linear_f32(hidden, attention, at<const float>(layer, kO), nullptr, tokens, hidden_size, q_size, q_size);
+    packed_linear_f32(hidden, attention, at<const int64_t>(layer, kO), nullptr, tokens, hidden_size, q_size, q_size);
     if (!reduce_and_add_bias(hidden, at<const float>(layer, kOBias), tokens, hidden_size, collective))
       return collective[kSequence];
 
     fused_add_rms_norm_f32(hidden, residual, at<const float>(layer, kPostNorm), tokens, hidden_size, eps);
-    blocked_linear_f32(gate_up, hidden, at<const float>(layer, kGateUp), at<const float>(layer, kGateUpBias), tokens,
+    packed_linear_f32(gate_up, hidden, at<const int64_t>(layer, kGateUp), at<const float>(layer, kGateUpBias), tokens,
                        2 * intermediate, hidden_size, hidden_size);
     silu_and_mul_f32(activated, gate_up, tokens, intermediate);
-    blocked_linear_f32(hidden, activated, at<const float>(layer, kDown), nullptr, tokens, hidden_size, intermediate,
+    packed_linear_f32(hidden, activated, at<const int64_t>(layer, kDown), nullptr, tokens, hidden_size, intermediate,
                        intermediate);
     if (!reduce_and_add_bias(hidden, at<const float>(layer, kDownBias), tokens, hidden_size, collective))
       return collective[kSequence];

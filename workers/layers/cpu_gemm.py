@@ -8,6 +8,7 @@ Two packed forms:
 - Elsewhere with oneDNN (float32; bfloat16 where oneDNN has bfloat16 kernels): oneDNN's layout, 2-5x MKL's
   speed for small batches and ~20% faster for prefill-sized ones (measured on a 2-core AVX-512 machine).
 Otherwise (CUDA, no oneDNN, half precision, bfloat16 on AVX2) layers keep plain `F.linear`.
+Quantized weights (workers/layers/quantized.py) run through the same kernel library in a layout of the same shape.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.kernels import cpu as cpu_kernels
+from workers.layers.quantized import QuantizedWeight
 
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -28,9 +30,19 @@ class BlockedWeight:
 
     blocks: torch.Tensor  # [ceil(out_features / 16), in_features, 16]
     out_features: int
+    descriptor: torch.Tensor  # int64 [5], quant_gemm.cpp's weight table (format 0: float32 blocks)
+
+    @property
+    def in_features(self) -> int:
+        return self.blocks.shape[1]
+
+    @staticmethod
+    def of(blocks: torch.Tensor, out_features: int) -> BlockedWeight:
+        return BlockedWeight(blocks, out_features, torch.tensor([0, blocks.data_ptr(), 0, 0, 0], dtype=torch.int64))
 
 
-PackedWeight = torch.Tensor | BlockedWeight  # oneDNN's opaque tensor, or ours
+KernelWeight = BlockedWeight | QuantizedWeight  # a weight the kernel library multiplies (the decode stack's kind)
+PackedWeight = torch.Tensor | KernelWeight  # oneDNN's opaque tensor, or ours
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
@@ -73,13 +85,13 @@ def prepack(weight: torch.Tensor) -> PackedWeight:
     """The same [out, in] matrix in a packed layout (check `can_prepack` first): only `packed_linear` may read it
     afterwards."""
     if _blocked_gemm_preferred(weight):
-        return BlockedWeight(cpu_kernels.block_weight(weight), weight.shape[0])
+        return BlockedWeight.of(cpu_kernels.block_weight(weight), weight.shape[0])
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
 
 
 def packed_linear(x: torch.Tensor, packed_weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(packed_weight, BlockedWeight):
-        return cpu_kernels.blocked_linear(x, packed_weight.blocks, packed_weight.out_features, bias)  # [n, out]
+    if isinstance(packed_weight, BlockedWeight | QuantizedWeight):
+        return cpu_kernels.packed_linear(x, packed_weight.descriptor, packed_weight.out_features, bias)  # [n, out]
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")  # [n, out]
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from workers.layers.quantized import QuantizedTensor
 from workers.loading.ctranslate2 import is_ctranslate2_folder
 from workers.loading.gguf_reader import causal_lm_class_name, is_gguf, iterate_gguf
 from workers.loading.progress import LoadProgress
@@ -47,16 +48,18 @@ def load_hf_config(model_path: str) -> PretrainedConfig:
     return config
 
 
-def iterate_weights(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(model_path: str, keep_quantized: bool = False
+                    ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
     """Yield `(hugging_face_name, tensor)` for every weight of the checkpoint at `model_path`.
 
     CTranslate2 Whisper folders: every weight under its Hugging Face name, in the stored dtype.
     Folders: every tensor of the folder's safetensors files (those named by `model.safetensors.index.json`
-    when there is one), in the stored dtype. GGUF: every tensor dequantized to float32, renamed and
-    reshaped to Hugging Face conventions (see the module docstring). Tensors are on the CPU.
+    when there is one), in the stored dtype. GGUF: every tensor renamed and reshaped to Hugging Face conventions,
+    dequantized to float32 unless `keep_quantized` and of a type the quantized kernels run (gguf_reader.py).
+    Tensors are on the CPU.
     """
     if is_gguf(model_path):
-        yield from iterate_gguf(model_path)
+        yield from iterate_gguf(model_path, keep_quantized)
     elif is_ctranslate2_folder(model_path):
         yield from _iterate_ctranslate2(model_path)
     elif os.path.isdir(model_path):

@@ -133,19 +133,21 @@ def model_class_name(hf_config: Any, runner: str = "generate", convert: str = "n
 
 
 def build_model(hf_config: Any, model_path: str, dtype: torch.dtype, device: torch.device, tp_rank: int = 0,
-                tp_size: int = 1, runner: str = "generate", convert: str = "none") -> CausalLM:
+                tp_size: int = 1, runner: str = "generate", convert: str = "none",
+                quantization: str = "none") -> CausalLM:
     """Construct the model for `hf_config.architectures[0]` (a `CausalLM`, or also a `PoolingModel` when `runner`
     is "pooling") directly on `device` in `dtype` and load this rank's shard of the weights at `model_path` (Hugging
-    Face folder or .gguf file)."""
+    Face folder or .gguf file). `quantization` (a resolved `ModelConfig.quantization`): "gguf" keeps a GGUF's
+    quantized tensors quantized, "int8"/"int4" quantize the linear layers' float weights after loading."""
     from workers.loading.loader import iterate_weights
 
     module_name, class_name = model_class_name(hf_config, runner, convert)
     model_class = getattr(importlib.import_module(f"workers.models.{module_name}"), class_name)
     with torch.device(device), _default_dtype(dtype):
         model = model_class(hf_config, tp_rank=tp_rank, tp_size=tp_size)
-    model.load_weights(iterate_weights(model_path))
+    model.load_weights(iterate_weights(model_path, keep_quantized=quantization == "gguf"))
     for module in model.modules():
         if hasattr(module, "prepack"):
-            module.prepack()
+            module.prepack(quantization)
     model.eval()
     return model

@@ -6,7 +6,7 @@ whole layer stack to one C++ function that calls the same kernels in the same or
 bits as the layer-by-layer path (a test checks this).
 
 It serves only where every piece of the layer-by-layer path would itself be a fused kernel: float32 on CPU, all
-projections in the blocked layout (AVX2 CPUs), one tensor-parallel rank or ranks on one host (the layer's two
+projections in a kernel layout (blocked float32 on AVX2 CPUs, or quantized), one tensor-parallel rank or ranks on one host (the layer's two
 all-reduces then go through the shared-memory collective from C++), and a step in which every request decodes
 one token. Everything else (prefill, mixed steps, other devices, gloo across hosts) keeps the modules.
 """
@@ -65,8 +65,8 @@ class DecodeStack:
         self.hidden_size = parts.final_norm.weight.shape[0]
         self.num_heads, self.num_kv_heads, self.head_dim = parts.num_heads, parts.num_kv_heads, parts.head_dim
         down = first.down_proj.packed_weight
-        assert isinstance(down, cpu_gemm.BlockedWeight)
-        self.intermediate = down.blocks.shape[1]  # the down projection's input width
+        assert isinstance(down, cpu_gemm.KernelWeight)
+        self.intermediate = down.in_features  # the down projection's input width
         self.eps, self.scale = first.input_norm.eps, parts.scale
         self.tp_rank, self.tp_size = first.o_proj.tp_rank, first.o_proj.tp_size
         self.final_norm = parts.final_norm.weight
@@ -90,7 +90,7 @@ class DecodeStack:
         if tp_size > 1 and tensor_parallel.shm_communicator() is None:
             return False
         for layer in parts.layers:
-            if any(p.tp_size != tp_size or not isinstance(p.packed_weight, cpu_gemm.BlockedWeight)
+            if any(p.tp_size != tp_size or not isinstance(p.packed_weight, cpu_gemm.KernelWeight)
                    for p in layer.projections):
                 return False
             biases = [p.bias for p in layer.projections if p.bias is not None]
@@ -145,8 +145,8 @@ class DecodeStack:
 def _weight_addresses(layer: DecoderLayerParts) -> list[int]:
     def blocks(projection: ColumnParallelLinear | RowParallelLinear) -> int:
         packed = projection.packed_weight
-        assert isinstance(packed, cpu_gemm.BlockedWeight)
-        return packed.blocks.data_ptr()
+        assert isinstance(packed, cpu_gemm.KernelWeight)
+        return packed.descriptor.data_ptr()
 
     def bias(projection: ColumnParallelLinear | RowParallelLinear) -> int:
         return 0 if projection.bias is None else projection.bias.data_ptr()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from workers.attention import Attention, build_attention_metadata
 from workers.kernels import cpu as cpu_kernels
+from workers.layers import cpu_gemm
 from workers.layers.activation import SiluAndMul
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import _rotate
@@ -185,16 +186,15 @@ def test_blocked_linear_matches_f_linear_for_every_batch_size(out_features: int,
     bias_t = torch.randn(out_features) if bias else None
     blocks = cpu_kernels.block_weight(weight)
     assert blocks.shape == (-(-out_features // 16), in_features, 16)
+    packed = cpu_gemm.BlockedWeight.of(blocks, out_features)
     for rows in (1, 2, 5, 6, 7, 13, 97, 200):
         x = torch.randn(rows, in_features + 3)[:, :in_features]  # strided rows
-        out = cpu_kernels.blocked_linear(x, blocks, out_features, bias_t)
+        out = cpu_gemm.packed_linear(x, packed, bias_t)
         torch.testing.assert_close(out, F.linear(x, weight, bias_t), rtol=1e-5, atol=1e-5)
         for row in {0, rows // 2, rows - 1}:
-            assert torch.equal(cpu_kernels.blocked_linear(x[row: row + 1], blocks, out_features, bias_t), out[row: row + 1])
+            assert torch.equal(cpu_gemm.packed_linear(x[row: row + 1], packed, bias_t), out[row: row + 1])
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX2", reason="oneDNN keeps the job off AVX2")
 def test_float32_layers_pack_for_the_blocked_gemm_on_avx2() -> None:
-    from workers.layers import cpu_gemm
-
     assert isinstance(cpu_gemm.prepack(torch.randn(32, 16)), cpu_gemm.BlockedWeight)
