@@ -21,9 +21,13 @@ def load_reference(model_path: str):  # -> (model, tokenizer)
 
 def greedy_reference(model_path: str, prompt: str, max_new_tokens: int) -> tuple[list[int], list[float], str]:
     """(token ids, chosen-token logprobs from the raw logits, decoded text) of greedy decoding."""
+    return greedy_of(*load_reference(model_path), prompt, max_new_tokens)
+
+
+def greedy_of(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[list[int], list[float], str]:  # noqa: ANN001
+    """`greedy_reference` for a model already loaded (and perhaps changed: quantized weights)."""
     import torch
 
-    model, tokenizer = load_reference(model_path)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,

@@ -1,6 +1,6 @@
 """Greedy outputs equal transformers token for token; chosen-token logprobs within 1e-3 (float32).
 
-Runs for both tiny checkpoints and for the embedded SmolLM2 (GGUF dequantized at load time), alone and with
+Runs for both tiny checkpoints and for the embedded SmolLM2 (its GGUF served quantized, the default), alone and with
 32 requests in flight at once.
 """
 from __future__ import annotations
