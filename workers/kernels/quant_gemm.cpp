@@ -160,6 +160,61 @@ void gemv_blocks(float* y, const float* x, const Quantized& w, int64_t b, int64_
     store16(y + j * 16, acc[2 * j], acc[2 * j + 1], valid(n_valid, j * 16), bias ? bias + j * 16 : nullptr);
 }
 
+#if defined(__AVX512F__)
+// The GEMV with 16-lane vectors (one column block per register; its scales and mins held in registers for a group):
+// the same fma(scale, value, min) and the same per-lane chain over k, so the same bits as the 8-lane code.
+inline void store_block(float* y, __m512 acc, int64_t count, const float* bias) {
+  alignas(64) float out[16];
+  _mm512_store_ps(out, acc);
+  if (bias != nullptr)
+    for (int64_t i = 0; i < count; ++i) out[i] += bias[i];
+  std::memcpy(y, out, count * sizeof(float));
+}
+
+template <int64_t Format, bool HasMin, int B>
+void gemv_blocks_512(float* y, const float* x, const Quantized& w, int64_t b, int64_t n_valid, const float* bias) {
+  const int64_t groups = w.K / w.group, q_stride = q_block_bytes<Format>(w.K), s_stride = groups * 16;
+  const uint8_t* q = w.q + b * q_stride;
+  const float* scales = w.scales + b * s_stride;
+  const float* mins = HasMin ? w.mins + b * s_stride : nullptr;
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  __m512 acc[B], s[B], m[B];
+  for (int j = 0; j < B; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+#pragma GCC unroll 8
+    for (int j = 0; j < B; ++j) {
+      s[j] = _mm512_loadu_ps(scales + j * s_stride + g * 16);
+      m[j] = HasMin ? _mm512_loadu_ps(mins + j * s_stride + g * 16) : _mm512_setzero_ps();
+    }
+    for (int64_t k = g * w.group; k < (g + 1) * w.group;) {
+      if constexpr (Format == kUint4) {
+        const __m512 x0 = _mm512_set1_ps(x[k]), x1 = _mm512_set1_ps(x[k + 1]);
+#pragma GCC unroll 8
+        for (int j = 0; j < B; ++j) {
+          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * q_stride + (k / 2) * 16));
+          const __m128i even = _mm_and_si128(bytes, mask), odd = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+          const __m512 w0 = _mm512_fmadd_ps(s[j], _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(even)), m[j]);
+          acc[j] = _mm512_fmadd_ps(x0, w0, acc[j]);
+          const __m512 w1 = _mm512_fmadd_ps(s[j], _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(odd)), m[j]);
+          acc[j] = _mm512_fmadd_ps(x1, w1, acc[j]);
+        }
+        k += 2;
+      } else {
+        const __m512 x0 = _mm512_set1_ps(x[k]);
+#pragma GCC unroll 8
+        for (int j = 0; j < B; ++j) {
+          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * q_stride + k * 16));
+          const __m512 w0 = _mm512_fmadd_ps(s[j], _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), m[j]);
+          acc[j] = _mm512_fmadd_ps(x0, w0, acc[j]);
+        }
+        k += 1;
+      }
+    }
+  }
+  for (int j = 0; j < B; ++j) store_block(y + j * 16, acc[j], valid(n_valid, j * 16), bias ? bias + j * 16 : nullptr);
+}
+#endif
+
 template <int64_t Format, bool HasMin>
 void quant_linear(float* y, const float* x, const Quantized& w, const float* bias, int64_t M, int64_t N,
                   int64_t x_stride) {
@@ -170,10 +225,17 @@ void quant_linear(float* y, const float* x, const Quantized& w, const float* bia
       const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
       const int64_t end = blocks * (thread + 1) / threads;
       int64_t b = blocks * thread / threads;
+#if defined(__AVX512F__)
+      for (; b + 8 <= end; b += 8)
+        gemv_blocks_512<Format, HasMin, 8>(y + b * 16, x, w, b, N - b * 16, bias ? bias + b * 16 : nullptr);
+      for (; b < end; ++b)
+        gemv_blocks_512<Format, HasMin, 1>(y + b * 16, x, w, b, N - b * 16, bias ? bias + b * 16 : nullptr);
+#else
       for (; b + 4 <= end; b += 4)
         gemv_blocks<Format, HasMin, 4>(y + b * 16, x, w, b, N - b * 16, bias ? bias + b * 16 : nullptr);
       for (; b < end; ++b)
         gemv_blocks<Format, HasMin, 1>(y + b * 16, x, w, b, N - b * 16, bias ? bias + b * 16 : nullptr);
+#endif
     }
     return;
   }
