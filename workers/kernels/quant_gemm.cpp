@@ -59,7 +59,10 @@ inline float weight_at(const Quantized& w, int64_t n, int64_t k) {
 
 #if defined(__AVX2__) && defined(__FMA__)
 using conveyor_tiles::kPanelRows;
-using conveyor_tiles::rows;
+inline void rows_avx2(int64_t r, float* y, int64_t ys, const float* x, int64_t xs, const float* w, int64_t K,
+                      int64_t nv, const float* b) {
+  conveyor_tiles::rows(r, y, ys, x, xs, w, K, nv, b);
+}
 using conveyor_tiles::store16;
 using conveyor_tiles::valid;
 
@@ -213,6 +216,35 @@ void gemv_blocks_512(float* y, const float* x, const Quantized& w, int64_t b, in
   }
   for (int j = 0; j < B; ++j) store_block(y + j * 16, acc[j], valid(n_valid, j * 16), bias ? bias + j * 16 : nullptr);
 }
+
+// R rows of x against one dequantized 16-wide panel: one accumulator register per row (up to 12 of the 32).
+template <int R>
+inline void panel_rows_512(float* y, int64_t y_stride, const float* x, int64_t x_stride, const float* w, int64_t K,
+                           int64_t n_valid, const float* bias) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 wk = _mm512_loadu_ps(w + k * 16);
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * x_stride + k]), wk, acc[r]);
+  }
+  const int64_t count = valid(n_valid, 0);
+  for (int r = 0; r < R; ++r) store_block(y + r * y_stride, acc[r], count, bias);
+}
+constexpr int64_t kPanelTileRows = 12;
+template <int R>
+inline void panel_rows(int64_t rows, float* y, int64_t ys, const float* x, int64_t xs, const float* w, int64_t K,
+                       int64_t nv, const float* b) {
+  if (rows == R) return panel_rows_512<R>(y, ys, x, xs, w, K, nv, b);
+  if constexpr (R > 1) panel_rows<R - 1>(rows, y, ys, x, xs, w, K, nv, b);
+}
+#else
+constexpr int64_t kPanelTileRows = 6;
+template <int R>
+inline void panel_rows(int64_t rows, float* y, int64_t ys, const float* x, int64_t xs, const float* w, int64_t K,
+                       int64_t nv, const float* b) {
+  rows_avx2(rows, y, ys, x, xs, w, K, nv, b);
+}
 #endif
 
 template <int64_t Format, bool HasMin>
@@ -248,9 +280,9 @@ void quant_linear(float* y, const float* x, const Quantized& w, const float* bia
       for (int64_t b = 0; b < blocks; ++b) {
         dequant_panel<Format, HasMin>(panel.data(), w, b);
         const float* bb = bias ? bias + b * 16 : nullptr;
-        for (int64_t m = m0; m < m1; m += 6)
-          rows(m1 - m >= 6 ? 6 : m1 - m, y + m * N + b * 16, N, x + m * x_stride, x_stride, panel.data(), K,
-               N - b * 16, bb);
+        for (int64_t m = m0; m < m1; m += kPanelTileRows)
+          panel_rows<kPanelTileRows>(m1 - m >= kPanelTileRows ? kPanelTileRows : m1 - m, y + m * N + b * 16, N,
+                                     x + m * x_stride, x_stride, panel.data(), K, N - b * 16, bb);
       }
     }
   }

@@ -56,6 +56,8 @@ class _ParallelLinear(nn.Module):
                 return
             if from_checkpoint is not None:
                 self._write_dequantized_parts(reason)
+            else:
+                quant.log_dequantized(quantized.source, reason)  # --quantization int8/int4: the float weights stay
         if cpu_gemm.can_prepack(self.weight):
             self.packed_weight = cpu_gemm.prepack(self.weight)
             self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
