@@ -135,3 +135,44 @@ def test_float_checkpoint_quantized_at_load_matches_transformers_on_the_same_wei
             module.weight.data.copy_(quantized.dequantize())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     _assert_parity(served, {prompt: greedy_of(model, tokenizer, prompt, MAX_TOKENS)[:2] for prompt in PROMPTS})
+
+
+def test_quantization_defaults_and_refusals(quant_files: Path, tiny_models: Path) -> None:
+    """auto: a .gguf runs quantized, a folder in float; gguf on a folder and int8/int4 on a GGUF are refused."""
+    from conveyor.model_source import ModelNotFoundError, resolve_model_config
+
+    gguf_path = str(quant_files / "quant-test.Q4_1.gguf")
+    folder = str(tiny_models / "llama")
+    assert resolve_model_config(gguf_path)[0].quantization == "gguf"
+    assert resolve_model_config(gguf_path, quantization="none")[0].quantization == "none"
+    assert resolve_model_config(folder)[0].quantization == "none"
+    assert resolve_model_config(folder, quantization="int4")[0].quantization == "int4"
+    with pytest.raises(ModelNotFoundError, match="needs a .gguf file"):
+        resolve_model_config(folder, quantization="gguf")
+    with pytest.raises(ModelNotFoundError, match="already quantized"):
+        resolve_model_config(gguf_path, quantization="int8")
+
+
+def test_tensor_parallel_and_fallbacks_give_the_same_tokens(quant_files: Path) -> None:
+    """The Q4_K file under `-tp 2` (rows and group-aligned input columns split across ranks) and with
+    `--quantization none` (dequantized at load): the quantized single-rank tokens for every prompt. With
+    `--dtype bfloat16` (no quantized kernel for bfloat16 activations: dequantized, and the log says so): the tokens
+    of the dequantized folder served in bfloat16."""
+    path = str(quant_files / "quant-test.Q4_K.gguf")
+    runs: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    logs: dict[str, str] = {}
+    for name, model, args in [("tp1", path, ()), ("tp2", path, ("-tp", "2")), ("none", path, ("--quantization", "none")),
+                              ("bf16", path, ("--dtype", "bfloat16")),
+                              ("bf16-folder", str(quant_files / "quant-test.Q4_K-dequantized"), ("--dtype", "bfloat16"))]:
+        server = ConveyorServer(model, *SERVER_ARGS, *args)
+        try:
+            client = server.openai_client()
+            runs[name] = {prompt: _complete(client, prompt) for prompt in PROMPTS}
+            logs[name] = server.log_path.read_text()
+        finally:
+            server.stop()
+    tokens = {name: [run[prompt][0] for prompt in PROMPTS] for name, run in runs.items()}
+    assert tokens["tp2"] == tokens["tp1"] and tokens["none"] == tokens["tp1"]
+    assert tokens["bf16"] == tokens["bf16-folder"]
+    assert "kept quantized:" in logs["tp2"] and "kept quantized:" not in logs["none"]
+    assert "Q4_K weights dequantized at load: the quantized kernels take float32 activations" in logs["bf16"]

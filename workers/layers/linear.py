@@ -17,7 +17,7 @@ from torch import nn
 
 import workers.layers.cpu_gemm as cpu_gemm  # noqa: PLR0402 (not via the package: it imports this module)
 from workers.distributed import tensor_parallel
-from workers.layers import quantized as quant
+import workers.layers.quantized as quant  # noqa: PLR0402 (not via the package, whose __init__ imports this module)
 
 
 def divide(numerator: int, denominator: int) -> int:
